@@ -1,0 +1,79 @@
+// Host-side preparation shared by the CPU and CUDA implementations of the ops: defensive checks
+// (the Python API validates first, with friendlier messages; these guard direct torch.ops calls),
+// strides made usable by the kernels, and the WindowGeometry of the call.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <initializer_list>
+
+#include "xmorpher_kernels/window_geometry.h"
+
+namespace xmorpher_kernels {
+
+// Kernels read token rows with unit stride; other strides are free.
+inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return t.stride(-1) == 1 || t.size(-1) == 1 ? t : t.contiguous();
+}
+
+struct OpInputs {
+  at::Tensor query, key, value;
+  at::Tensor rel_pos_bias, pad_key, pad_value;  // contiguous, or undefined
+  WindowGeometry geometry;
+};
+
+inline OpInputs check_op_inputs(const char* op, const at::Tensor& query, const at::Tensor& key,
+                                const at::Tensor& value, at::IntArrayRef window_size,
+                                at::IntArrayRef search_size,
+                                const c10::optional<at::Tensor>& rel_pos_bias,
+                                const c10::optional<at::Tensor>& pad_key,
+                                const c10::optional<at::Tensor>& pad_value,
+                                std::initializer_list<at::ScalarType> dtypes) {
+  TORCH_CHECK(query.dim() == 6, op, ": query must be (B, D, H, W, heads, head_dim), got ", query.sizes());
+  TORCH_CHECK(key.sizes() == query.sizes() && value.sizes() == query.sizes(), op,
+              ": key and value must have the shape of query ", query.sizes());
+  TORCH_CHECK(key.scalar_type() == query.scalar_type() && value.scalar_type() == query.scalar_type(), op,
+              ": key and value must have the dtype of query");
+  TORCH_CHECK(key.device() == query.device() && value.device() == query.device(), op,
+              ": key and value must be on the device of query");
+  bool dtype_ok = false;
+  for (auto t : dtypes) dtype_ok = dtype_ok || t == query.scalar_type();
+  TORCH_CHECK(dtype_ok, op, ": unsupported dtype ", query.scalar_type(), " on ", query.device());
+  TORCH_CHECK(window_size.size() == 3 && search_size.size() == 3, op,
+              ": window_size and search_size must have 3 entries");
+  OpInputs in;
+  for (int axis = 0; axis < 3; ++axis) {
+    TORCH_CHECK(window_size[axis] >= 1 && search_size[axis] >= window_size[axis], op,
+                ": need 1 <= window_size <= search_size on every axis");
+    in.geometry.volume[axis] = query.size(axis + 1);
+    in.geometry.window[axis] = window_size[axis];
+    in.geometry.search[axis] = search_size[axis];
+  }
+  in.query = last_dim_contiguous(query);
+  in.key = last_dim_contiguous(key);
+  in.value = last_dim_contiguous(value);
+  const int64_t heads = query.size(4), head_dim = query.size(5);
+  if (rel_pos_bias.has_value() && rel_pos_bias->defined()) {
+    TORCH_CHECK(rel_pos_bias->dim() == 4 && rel_pos_bias->size(0) == heads &&
+                    rel_pos_bias->size(1) == bias_extent(in.geometry, 0) &&
+                    rel_pos_bias->size(2) == bias_extent(in.geometry, 1) &&
+                    rel_pos_bias->size(3) == bias_extent(in.geometry, 2),
+                op, ": rel_pos_bias must be (heads, sd+wd-1, sh+wh-1, sw+ww-1), got ", rel_pos_bias->sizes());
+    TORCH_CHECK(rel_pos_bias->scalar_type() == query.scalar_type(), op, ": rel_pos_bias must have the dtype of query");
+    in.rel_pos_bias = rel_pos_bias->contiguous();
+  }
+  TORCH_CHECK(pad_key.has_value() == pad_value.has_value(), op,
+              ": pad_key and pad_value must be given together (constant padding) or not at all");
+  if (pad_key.has_value()) {
+    for (const at::Tensor* t : {&*pad_key, &*pad_value}) {
+      TORCH_CHECK(t->dim() == 2 && t->size(0) == heads && t->size(1) == head_dim, op,
+                  ": pad_key and pad_value must be (heads, head_dim), got ", t->sizes());
+      TORCH_CHECK(t->scalar_type() == query.scalar_type(), op, ": pad tensors must have the dtype of query");
+    }
+    in.pad_key = pad_key->contiguous();
+    in.pad_value = pad_value->contiguous();
+  }
+  return in;
+}
+
+}  // namespace xmorpher_kernels

@@ -1,0 +1,65 @@
+"""Builds xmorpher_kernels and its native extension `xmorpher_kernels._C` from csrc/.
+
+C++ sources (csrc/*.cpp, csrc/cpu/*.cpp) are always built. CUDA sources (csrc/cuda/*.cu) are added
+when torch is a CUDA build and nvcc is found; no GPU is needed to compile them. Set
+XMORPHER_KERNELS_NO_CUDA=1 to skip them, and TORCH_CUDA_ARCH_LIST to choose the architectures
+(default: 8.0 and 9.0).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _relative(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def _cuda_available_for_build() -> tuple[bool, str]:
+    if os.environ.get("XMORPHER_KERNELS_NO_CUDA", "0") == "1":
+        return False, "XMORPHER_KERNELS_NO_CUDA=1"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is not a CUDA build"
+    if CUDA_HOME is None or shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")) is None:
+        return False, "nvcc not found (set CUDA_HOME)"
+    return True, ""
+
+
+def extensions():
+    cxx_sources = _relative(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    cuda_sources = _relative(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "cpu")]
+    cxx_flags = ["-O3", "-fno-math-errno", "-ffp-contract=fast"]
+    with_cuda, reason = _cuda_available_for_build()
+    if cuda_sources and with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        return [
+            CUDAExtension(
+                "xmorpher_kernels._C",
+                cxx_sources + cuda_sources,
+                include_dirs=include_dirs,
+                define_macros=[("XK_WITH_CUDA", "1")],
+                extra_compile_args={
+                    "cxx": cxx_flags,
+                    "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
+                },
+            )
+        ]
+    if cuda_sources:
+        print(f"xmorpher_kernels: building without CUDA kernels: {reason}")
+    return [CppExtension("xmorpher_kernels._C", cxx_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})]
+
+
+setup(
+    packages=find_packages(include=["xmorpher_kernels", "xmorpher_kernels.*", "xmorpher", "xmorpher.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

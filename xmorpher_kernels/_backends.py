@@ -1,0 +1,138 @@
+"""Backend registry and dispatcher of ``window_cross_attention``.
+
+Each backend says whether it was built and which devices and dtypes it runs; ``backend="auto"``
+walks them in order of preference (fastest first) and takes the first that can run the call. A
+backend the user names either runs or raises, naming what it lacks and what would run instead;
+there is never a silent switch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from ._checks import AttentionArgs
+from . import _native
+from .reference import reference_window_cross_attention
+
+
+@dataclass
+class Backend:
+    """One implementation of the op.
+
+    ``unavailable`` returns why the backend is missing altogether (not built, no Triton, ...) or
+    None; ``refuses`` returns why it cannot run one particular call (e.g. a head_dim limit) or None.
+    """
+
+    name: str
+    devices: Tuple[str, ...]
+    dtypes: Tuple[torch.dtype, ...]
+    run: Callable[[AttentionArgs], torch.Tensor]
+    unavailable: Callable[[], Optional[str]] = lambda: None
+    refuses: Callable[[AttentionArgs], Optional[str]] = field(default=lambda args: None)
+
+    def why_not(self, args: AttentionArgs) -> Optional[str]:
+        """None when this backend can run the call, else the reason it cannot."""
+        reason = self.unavailable()
+        if reason is not None:
+            return reason
+        device = args.query.device.type
+        if device not in self.devices:
+            return f"it runs on {'/'.join(self.devices)} tensors, got {device}"
+        if args.query.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            return f"it supports dtypes {names}, got {str(args.query.dtype).replace('torch.', '')}"
+        return self.refuses(args)
+
+
+_REGISTRY: Dict[str, Backend] = {}
+# Preference of backend="auto": fused GPU kernels, then the fused CPU kernels, then the reference.
+AUTO_ORDER = ("cuda", "triton", "cpu", "reference")
+
+
+def register_backend(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+def backend_names() -> List[str]:
+    return [name for name in AUTO_ORDER if name in _REGISTRY] + sorted(set(_REGISTRY) - set(AUTO_ORDER))
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    devices: Tuple[str, ...]
+    dtypes: Tuple[torch.dtype, ...]
+    reason: Optional[str]  # why it is unavailable, when it is
+
+
+def available_backends() -> Dict[str, BackendStatus]:
+    """What was built: every backend with its devices and dtypes, or why it is missing."""
+    statuses = {}
+    for name in backend_names():
+        backend = _REGISTRY[name]
+        reason = backend.unavailable()
+        statuses[name] = BackendStatus(name, reason is None, backend.devices, backend.dtypes, reason)
+    return statuses
+
+
+def select_backend(name: str, args: AttentionArgs) -> Backend:
+    """The backend to run: the named one if it can, the first capable one for "auto"."""
+    if not isinstance(name, str) or (name != "auto" and name not in _REGISTRY):
+        raise ValueError(f"backend must be one of {('auto', *backend_names())}, got {name!r}")
+    if name != "auto":
+        backend = _REGISTRY[name]
+        reason = backend.why_not(args)
+        if reason is None:
+            return backend
+        capable = [n for n in backend_names() if _REGISTRY[n].why_not(args) is None]
+        raise ValueError(
+            f"backend {name!r} cannot run this call: {reason}. Backends that can: {', '.join(capable)}"
+        )
+    for candidate in backend_names():
+        if _REGISTRY[candidate].why_not(args) is None:
+            return _REGISTRY[candidate]
+    raise ValueError("no backend can run this call")  # unreachable: the reference runs everywhere
+
+
+def _cpu_unavailable() -> Optional[str]:
+    return _native.NATIVE_IMPORT_ERROR
+
+
+def _cuda_unavailable() -> Optional[str]:
+    if not _native.HAS_NATIVE:
+        return _native.NATIVE_IMPORT_ERROR
+    if not _native.HAS_CUDA_KERNELS:
+        return "the CUDA kernels were not compiled (torch without CUDA, or nvcc missing at build time)"
+    return None
+
+
+register_backend(
+    Backend(
+        name="reference",
+        devices=("cpu", "cuda"),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+        run=reference_window_cross_attention,
+    )
+)
+register_backend(
+    Backend(
+        name="cpu",
+        devices=("cpu",),
+        dtypes=(torch.bfloat16, torch.float32, torch.float64),
+        run=_native.native_window_attention,
+        unavailable=_cpu_unavailable,
+    )
+)
+register_backend(
+    Backend(
+        name="cuda",
+        devices=("cuda",),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        run=_native.native_window_attention,
+        unavailable=_cuda_unavailable,
+    )
+)

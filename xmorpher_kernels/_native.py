@@ -1,0 +1,108 @@
+"""The native ops ``torch.ops.xmorpher_kernels.window_attention_{forward,backward}``.
+
+Their schema and CPU/CUDA kernels live in the C++ extension ``xmorpher_kernels._C`` (csrc/).
+This module loads it without ever failing the package import, and registers from Python what
+``torch.compile`` and autograd need: fake (meta) implementations of both ops, and the autograd
+formula of the forward op in terms of the backward op.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._checks import AttentionArgs
+
+try:
+    from . import _C  # noqa: F401  (registers the ops)
+
+    HAS_NATIVE = True
+    NATIVE_IMPORT_ERROR: Optional[str] = None
+except ImportError as error:  # built without the extension, or against another torch
+    _C = None
+    HAS_NATIVE = False
+    NATIVE_IMPORT_ERROR = f"the C++ extension xmorpher_kernels._C could not be loaded ({error})"
+
+HAS_CUDA_KERNELS = HAS_NATIVE and _C.compiled_with_cuda()
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The log-sum-exp the forward keeps is in the accumulation type."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if HAS_NATIVE:
+    _forward_op = torch.ops.xmorpher_kernels.window_attention_forward
+    _backward_op = torch.ops.xmorpher_kernels.window_attention_backward
+
+    @torch.library.register_fake("xmorpher_kernels::window_attention_forward")
+    def _forward_fake(query, key, value, window_size, search_size, scale, rel_pos_bias, pad_key, pad_value):
+        batch, depth, height, width, heads, _ = query.shape
+        out = query.new_empty(query.shape)
+        lse = query.new_empty((batch, heads, depth, height, width), dtype=lse_dtype(query.dtype))
+        return out, lse
+
+    @torch.library.register_fake("xmorpher_kernels::window_attention_backward")
+    def _backward_fake(grad_out, query, key, value, out, lse, window_size, search_size, scale,
+                       rel_pos_bias, pad_key, pad_value):
+        empty = query.new_empty((0,))
+        return (
+            query.new_empty(query.shape),
+            query.new_empty(query.shape),
+            query.new_empty(query.shape),
+            empty if rel_pos_bias is None else rel_pos_bias.new_empty(rel_pos_bias.shape),
+            empty if pad_key is None else pad_key.new_empty(pad_key.shape),
+            empty if pad_value is None else pad_value.new_empty(pad_value.shape),
+        )
+
+    def _setup_context(ctx, inputs, output):
+        query, key, value, window_size, search_size, scale, rel_pos_bias, pad_key, pad_value = inputs
+        out, lse = output
+        ctx.save_for_backward(query, key, value, out, lse, rel_pos_bias, pad_key, pad_value)
+        ctx.window_size, ctx.search_size, ctx.scale = window_size, search_size, scale
+        ctx.mark_non_differentiable(lse)
+
+    def _backward(ctx, grad_out, _grad_lse):
+        query, key, value, out, lse, rel_pos_bias, pad_key, pad_value = ctx.saved_tensors
+        grads = _backward_op(
+            grad_out, query, key, value, out, lse, ctx.window_size, ctx.search_size, ctx.scale,
+            rel_pos_bias, pad_key, pad_value,
+        )
+        grad_query, grad_key, grad_value, grad_bias, grad_pad_key, grad_pad_value = grads
+        return (
+            grad_query,
+            grad_key,
+            grad_value,
+            None,
+            None,
+            None,
+            grad_bias if rel_pos_bias is not None else None,
+            grad_pad_key if pad_key is not None else None,
+            grad_pad_value if pad_value is not None else None,
+        )
+
+    torch.library.register_autograd(
+        "xmorpher_kernels::window_attention_forward", _backward, setup_context=_setup_context
+    )
+
+
+def native_window_attention(args: AttentionArgs) -> torch.Tensor:
+    """Run the native op (CPU or CUDA kernels, by the tensors' device) on validated arguments."""
+    pad_key, pad_value = args.pad_key, args.pad_value
+    if args.padding == "constant":
+        zeros = args.query.new_zeros((args.heads, args.head_dim))
+        pad_key = zeros if pad_key is None else pad_key
+        pad_value = zeros if pad_value is None else pad_value
+    out, _ = _forward_op(
+        args.query,
+        args.key,
+        args.value,
+        list(args.geometry.window),
+        list(args.geometry.search),
+        args.scale,
+        args.rel_pos_bias,
+        pad_key,
+        pad_value,
+    )
+    return out
