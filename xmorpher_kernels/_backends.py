@@ -32,6 +32,9 @@ class Backend:
     run: Callable[[AttentionArgs], torch.Tensor]
     unavailable: Callable[[], Optional[str]] = lambda: None
     refuses: Callable[[AttentionArgs], Optional[str]] = field(default=lambda args: None)
+    # Devices on which backend="auto" may pick it (default: all of ``devices``); e.g. Triton's CPU
+    # interpreter runs when named but is far too slow to be chosen automatically.
+    auto_devices: Optional[Tuple[str, ...]] = None
 
     def why_not(self, args: AttentionArgs) -> Optional[str]:
         """None when this backend can run the call, else the reason it cannot."""
@@ -92,9 +95,11 @@ def select_backend(name: str, args: AttentionArgs) -> Backend:
         raise ValueError(
             f"backend {name!r} cannot run this call: {reason}. Backends that can: {', '.join(capable)}"
         )
+    device = args.query.device.type
     for candidate in backend_names():
-        if _REGISTRY[candidate].why_not(args) is None:
-            return _REGISTRY[candidate]
+        backend = _REGISTRY[candidate]
+        if device in (backend.auto_devices or backend.devices) and backend.why_not(args) is None:
+            return backend
     raise ValueError("no backend can run this call")  # unreachable: the reference runs everywhere
 
 
