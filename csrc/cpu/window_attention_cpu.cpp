@@ -63,23 +63,35 @@ Isa current_isa() {
   return static_cast<Isa>(isa);
 }
 
+// Scratch for one chunk of windows; allocated in this (baseline-ISA) translation unit.
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> acc;
+  std::vector<int64_t> index;
+  std::vector<const acc_t*> rows;
+  Scratch(const WindowGeometry& g, int64_t head_dim)
+      : acc(tile_acc_elements(g, head_dim)), index(tile_index_elements(g)), rows(tile_row_pointers(g)) {}
+};
+
 template <typename scalar_t, typename acc_t>
-void run_forward(const AttentionParams<scalar_t, acc_t>& p, int64_t begin, int64_t end, acc_t* scratch,
-                 int64_t* index) {
+void run_forward(const AttentionParams<scalar_t, acc_t>& p, int64_t begin, int64_t end, Scratch<acc_t>& s) {
   switch (current_isa()) {
-    case Isa::avx512: return avx512::forward_windows(p, begin, end, scratch, index);
-    case Isa::avx2: return avx2::forward_windows(p, begin, end, scratch, index);
-    default: return baseline::forward_windows(p, begin, end, scratch, index);
+    case Isa::avx512: return avx512::forward_windows(p, begin, end, s.acc.data(), s.index.data(), s.rows.data());
+    case Isa::avx2: return avx2::forward_windows(p, begin, end, s.acc.data(), s.index.data(), s.rows.data());
+    default: return baseline::forward_windows(p, begin, end, s.acc.data(), s.index.data(), s.rows.data());
   }
 }
 
 template <typename scalar_t, typename acc_t>
-void run_backward(const AttentionParams<scalar_t, acc_t>& p, const int64_t color[3], int64_t begin,
-                  int64_t end, acc_t* scratch, int64_t* index) {
+void run_backward(const AttentionParams<scalar_t, acc_t>& p, int64_t color, int64_t begin,
+                  int64_t end, Scratch<acc_t>& s) {
   switch (current_isa()) {
-    case Isa::avx512: return avx512::backward_windows(p, color, begin, end, scratch, index);
-    case Isa::avx2: return avx2::backward_windows(p, color, begin, end, scratch, index);
-    default: return baseline::backward_windows(p, color, begin, end, scratch, index);
+    case Isa::avx512:
+      return avx512::backward_windows(p, color, begin, end, s.acc.data(), s.index.data(), s.rows.data());
+    case Isa::avx2:
+      return avx2::backward_windows(p, color, begin, end, s.acc.data(), s.index.data(), s.rows.data());
+    default:
+      return baseline::backward_windows(p, color, begin, end, s.acc.data(), s.index.data(), s.rows.data());
   }
 }
 
@@ -114,15 +126,6 @@ AttentionParams<scalar_t, acc_t> make_params(const at::Tensor& query, const at::
   return p;
 }
 
-// Scratch for one chunk of windows; allocated in this (baseline-ISA) translation unit.
-template <typename acc_t>
-struct Scratch {
-  std::vector<acc_t> acc;
-  std::vector<int64_t> index;
-  Scratch(const WindowGeometry& g, int64_t head_dim)
-      : acc(tile_acc_elements(g, head_dim)), index(tile_index_elements(g)) {}
-};
-
 at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -152,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& query_in, const at:
     p.lse = lse.mutable_data_ptr<acc_t>();
     at::parallel_for(0, tasks, 8, [&](int64_t begin, int64_t end) {
       Scratch<acc_t> scratch(g, p.head_dim);
-      run_forward(p, begin, end, scratch.acc.data(), scratch.index.data());
+      run_forward(p, begin, end, scratch);
     });
   });
   return {out, lse};
@@ -185,11 +188,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t batch = query.size(0), heads = query.size(4), head_dim = query.size(5);
   const int64_t bias_per_head = bias_extent(g, 0) * bias_extent(g, 1) * bias_extent(g, 2);
   const bool with_bias = in.rel_pos_bias.defined(), with_pad = in.pad_key.defined();
-  const int64_t slots_z = windows_of_color(g, 0, 0), slots_y = windows_of_color(g, 1, 0);
+  const int64_t slots_z = windows_of_color(g, 0, 0);
   const int64_t partial_stride = (with_bias ? bias_per_head : 0) + (with_pad ? 2 * head_dim : 0);
   at::Tensor partials;
   if (partial_stride > 0) {
-    partials = at::zeros({batch, heads, slots_z * slots_y, partial_stride}, query.options().dtype(acc_type));
+    partials = at::zeros({batch, heads, slots_z, partial_stride}, query.options().dtype(acc_type));
   }
 
   if (query.numel() > 0) {
@@ -207,18 +210,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       p.grad_value = grad_value.mutable_data_ptr<acc_t>();
       p.partials = partials.defined() ? partials.mutable_data_ptr<acc_t>() : nullptr;
       p.partial_stride = partial_stride;
-      // One pass per colour; the colours run in a fixed order (see backward_windows()).
-      for (int64_t cz = 0; cz < color_period(g, 0); ++cz)
-        for (int64_t cy = 0; cy < color_period(g, 1); ++cy)
-          for (int64_t cx = 0; cx < color_period(g, 2); ++cx) {
-            const int64_t color[3] = {cz, cy, cx};
-            const int64_t tasks = batch * heads * windows_of_color(g, 0, cz) * windows_of_color(g, 1, cy);
-            if (tasks == 0 || windows_of_color(g, 2, cx) == 0) continue;
-            at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-              Scratch<acc_t> scratch(g, head_dim);
-              run_backward(p, color, begin, end, scratch.acc.data(), scratch.index.data());
-            });
-          }
+      // One pass per colour, in a fixed order (see backward_windows()).
+      for (int64_t color = 0; color < color_period(g, 0); ++color) {
+        const int64_t tasks = batch * heads * windows_of_color(g, 0, color);
+        at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+          Scratch<acc_t> scratch(g, head_dim);
+          run_backward(p, color, begin, end, scratch);
+        });
+      }
     });
   }
 
@@ -229,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (partials.defined()) {
     at::Tensor per_head = at::zeros({heads, partial_stride}, partials.options());
     for (int64_t b = 0; b < batch; ++b)
-      for (int64_t s = 0; s < slots_z * slots_y; ++s) per_head.add_(partials.select(0, b).select(1, s));
+      for (int64_t s = 0; s < slots_z; ++s) per_head.add_(partials.select(0, b).select(1, s));
     int64_t column = 0;
     if (with_bias) {
       grad_bias = per_head.narrow(1, 0, bias_per_head).reshape(in.rel_pos_bias.sizes()).to(query.scalar_type());

@@ -34,10 +34,10 @@ XK_TARGET_PUSH(XK_ISA_TARGET)
 
 #define XK_INSTANTIATE(scalar_t, acc_t)                                                          \
   template void forward_windows<scalar_t, acc_t>(const AttentionParams<scalar_t, acc_t>&, int64_t, \
-                                                 int64_t, acc_t*, int64_t*);                     \
+                                                 int64_t, acc_t*, int64_t*, const acc_t**);      \
   template void backward_windows<scalar_t, acc_t>(const AttentionParams<scalar_t, acc_t>&,        \
-                                                  const int64_t[3], int64_t, int64_t, acc_t*,     \
-                                                  int64_t*);
+                                                  int64_t, int64_t, int64_t, acc_t*,              \
+                                                  int64_t*, const acc_t**);
 XK_INSTANTIATE(float, float)
 XK_INSTANTIATE(double, double)
 XK_INSTANTIATE(uint16_t, float)

@@ -1,14 +1,50 @@
 // Fused CPU kernels of window cross attention, written once and compiled per instruction set.
 //
-// Included by window_attention_cpu_{avx512,avx2,baseline}.cpp inside `namespace XK_ISA` after a
-// `#pragma GCC target`, so the compiler vectorizes the same loops for each ISA; the dispatcher
-// (window_attention_cpu.cpp) picks one at run time. Nothing here includes ATen or calls an inline
-// function defined before the pragma: an inline template instantiated under two targets could
-// be merged by the linker into the wider one and fault on older CPUs.
+// Included by window_attention_cpu_isa.h inside `namespace XK_ISA` under a target pragma, so the
+// compiler vectorizes the same code for each ISA; window_attention_cpu.cpp picks one at run time.
+// Nothing here includes ATen or calls an inline function defined before the pragma that it needs
+// vectorized: an inline template instantiated under two targets could be merged by the linker
+// into the wider one and fault on older CPUs.
 //
-// Per base window, the kernels copy the window's queries and its key box (at most
-// prod(search) rows) into small per-thread tiles and never build unfolded key/value tensors.
-// The forward keeps only the log-sum-exp per query; the backward recomputes the scores.
+// Layout of the computation. A base window's queries are processed in groups of kLanes (8, the
+// paper's 2x2x2 window) held in the lanes of one vector: scores, probabilities and the running
+// output are stored "transposed", one vector of query lanes per key or per channel. Keys and
+// values stay row-major, as they lie in memory, and each multiply broadcasts one of their
+// scalars against the query lanes, so no key tile is ever transposed. The key box of a window
+// is gathered into a small per-thread tile (at most prod(search) rows); no unfolded key/value
+// tensor is ever built. The forward keeps only the log-sum-exp per query; the backward
+// recomputes the scores.
+
+constexpr int64_t kLanes = kQueryLanes;
+
+template <typename acc_t>
+struct LaneVector;
+template <>
+struct LaneVector<float> {
+  typedef float type __attribute__((vector_size(kLanes * sizeof(float))));
+};
+template <>
+struct LaneVector<double> {
+  typedef double type __attribute__((vector_size(kLanes * sizeof(double))));
+};
+
+template <typename acc_t>
+using lanes_t = typename LaneVector<acc_t>::type;
+
+template <typename acc_t>
+XK_ALWAYS_INLINE lanes_t<acc_t> load_lanes(const acc_t* src) {
+  lanes_t<acc_t> v;
+  __builtin_memcpy(&v, src, sizeof(v));
+  return v;
+}
+template <typename acc_t>
+XK_ALWAYS_INLINE void store_lanes(acc_t* dst, lanes_t<acc_t> v) {
+  __builtin_memcpy(dst, &v, sizeof(v));
+}
+template <typename acc_t>
+XK_ALWAYS_INLINE lanes_t<acc_t> splat(acc_t x) {
+  return lanes_t<acc_t>{} + x;
+}
 
 // Storage conversions. bf16 travels as its raw 16 bits.
 XK_ALWAYS_INLINE float to_acc(float x) { return x; }
@@ -32,96 +68,105 @@ XK_ALWAYS_INLINE void store(uint16_t* dst, float x) {
   *dst = static_cast<uint16_t>(wide >> 16);
 }
 
-// exp for the softmax, as a branch-free polynomial the compiler can vectorize (the scalar libm
-// call would dominate the forward). Range reduction exp(x) = 2^n exp(r), |r| <= ln2 / 2, then a
-// degree-6 minimax polynomial; relative error about 1e-7. Arguments are <= 0 here (scores minus
-// their max or their log-sum-exp); below -87 the result flushes to 0.
-XK_ALWAYS_INLINE float softmax_exp(float x) {
-  const float clamped = x < -87.0f ? -87.0f : x;
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float rounded = clamped * 1.44269504088896341f + shifter;
-  const float n = rounded - shifter;
-  float r = clamped - n * 0.693359375f;
+// exp of a vector of scores, branch-free so it stays vectorized (a libm call per score would
+// dominate the forward). exp(x) = 2^n exp(r) with |r| <= ln2 / 2 and a degree-6 minimax
+// polynomial for exp(r): relative error about 1e-7. Arguments are <= 0 here (scores minus their
+// max or their log-sum-exp); below -87 the result flushes to 0.
+XK_ALWAYS_INLINE lanes_t<float> exp_lanes(lanes_t<float> x) {
+  typedef int32_t int_lanes __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  const lanes_t<float> floor_arg = splat(-87.0f);
+  const lanes_t<float> clamped = x < floor_arg ? floor_arg : x;
+  const lanes_t<float> shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to integer
+  const lanes_t<float> rounded = clamped * 1.44269504088896341f + shifter;
+  const lanes_t<float> n = rounded - shifter;
+  lanes_t<float> r = clamped - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  lanes_t<float> p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  int32_t bits;
-  __builtin_memcpy(&bits, &rounded, sizeof(bits));
-  const int32_t exponent = (bits - 0x4B400000) + 127;
-  const int32_t scale_bits = exponent << 23;
-  float two_n;
-  __builtin_memcpy(&two_n, &scale_bits, sizeof(two_n));
-  return x < -87.0f ? 0.0f : y * two_n;
+  const lanes_t<float> y = p * r * r + r + 1.0f;
+  const int_lanes exponent = ((int_lanes)rounded - 0x4B400000 + 127) << 23;
+  const lanes_t<float> result = y * (lanes_t<float>)exponent;
+  return x < floor_arg ? splat(0.0f) : result;
 }
-XK_ALWAYS_INLINE double softmax_exp(double x) { return __builtin_exp(x); }
+// fp64 is the gradcheck path: exact libm exp, lane by lane.
+XK_ALWAYS_INLINE lanes_t<double> exp_lanes(lanes_t<double> x) {
+  lanes_t<double> y;
+  for (int64_t l = 0; l < kLanes; ++l) y[l] = __builtin_exp(x[l]);
+  return y;
+}
 XK_ALWAYS_INLINE float log_acc(float x) { return __builtin_logf(x); }
 XK_ALWAYS_INLINE double log_acc(double x) { return __builtin_log(x); }
 
-// One base window's queries and key box, gathered into per-thread tiles.
-//   q      [max_queries][head_dim]  query rows times scale
-//   k      [max_keys][head_dim]     key rows (pad_key for padded keys under padding="constant")
-//   kt     [head_dim][max_keys]     the same, transposed for the score loop
-//   v, vt  likewise for values
-//   scores [2][max_keys]            one query's scores (or probabilities) and dS
-//   rows   [2][head_dim]            one query's output, or its dO and dQ
-// Query `i` sits at query_pos[i]; key `j` at key_pos[j] (-1 for a padded key); their flat bias
-// index is key_bias[j] - query_bias[i] (see gather_window()).
+// Per-thread tiles for one base window (sizes: tile_acc_elements() / tile_index_elements()).
 template <typename acc_t>
 struct WindowTiles {
-  acc_t* q;
-  acc_t* k;
-  acc_t* kt;
-  acc_t* v;
-  acc_t* vt;
-  acc_t* scores;
-  acc_t* rows;
-  acc_t* grad_k;            // [max_keys][head_dim] backward accumulators
-  acc_t* grad_v;
-  int64_t* query_pos;       // [max_queries] (z, y, x) of each query, packed as z*H*W + y*W + x
-  int64_t* key_pos;         // [max_keys] packed position, -1 when padded
-  int64_t* query_bias;      // [max_queries] flat bias offset of the query within the window
-  int64_t* key_bias;        // [max_keys] flat bias offset of the key within the box
+  acc_t* qt;         // [head_dim][kLanes]  scale * queries of the current group, transposed
+  acc_t* q_rows;     // [kLanes][head_dim]  the same, row-major
+  acc_t* acc_t_;     // [head_dim][kLanes]  output (forward) or dQ (backward), transposed
+  acc_t* dout_t;     // [head_dim][kLanes]  dO of the group, transposed
+  acc_t* dout_rows;  // [kLanes][head_dim]  dO, row-major
+  acc_t* k;          // [max_keys][head_dim] converted key rows, when storage != acc_t
+  acc_t* v;          // [max_keys][head_dim] converted value rows, likewise
+  const acc_t** key_rows;    // [max_keys] each gathered key row (pad_key for padded keys)
+  const acc_t** value_rows;  // [max_keys] each gathered value row (pad_value for padded keys)
+  acc_t* scores;     // [max_keys][kLanes]  scores, then probabilities
+  acc_t* grad_scores;  // [max_keys][kLanes]  dP, then dS
+  int64_t* query_pos;   // [max_queries] position z*H*W + y*W + x of each query of the window
+  int64_t* query_bias;  // [max_queries] flat bias offset of the query within the window
+  int64_t* key_pos;     // [max_keys] position of each gathered key, -1 when padded
+  int64_t* key_bias;    // [max_keys] flat bias offset of the key within the box
   int64_t num_queries;
   int64_t num_keys;
-  int64_t max_keys;
 };
 
-// Lays the tiles out in the scratch sized by tile_acc_elements() / tile_index_elements().
 template <typename acc_t>
-WindowTiles<acc_t> carve_tiles(const WindowGeometry& g, int64_t head_dim, acc_t* acc,
-                               int64_t* index) {
+WindowTiles<acc_t> carve_tiles(const WindowGeometry& g, int64_t head_dim, acc_t* acc, int64_t* index,
+                               const acc_t** row_pointers) {
   const int64_t nq = g.window[0] * g.window[1] * g.window[2];
   const int64_t nk = g.search[0] * g.search[1] * g.search[2];
+  const int64_t group = kLanes * head_dim, box = nk * head_dim;
   WindowTiles<acc_t> t;
-  t.q = acc;
-  t.rows = t.q + nq * head_dim;
-  t.k = t.rows + 2 * head_dim;
-  t.kt = t.k + nk * head_dim;
-  t.v = t.kt + nk * head_dim;
-  t.vt = t.v + nk * head_dim;
-  t.grad_k = t.vt + nk * head_dim;
-  t.grad_v = t.grad_k + nk * head_dim;
-  t.scores = t.grad_v + nk * head_dim;
+  t.qt = acc;
+  t.q_rows = t.qt + group;
+  t.acc_t_ = t.q_rows + group;
+  t.dout_t = t.acc_t_ + group;
+  t.dout_rows = t.dout_t + group;
+  t.k = t.dout_rows + group;
+  t.v = t.k + box;
+  t.scores = t.v + box;
+  t.grad_scores = t.scores + nk * kLanes;
   t.query_pos = index;
   t.query_bias = t.query_pos + nq;
   t.key_pos = t.query_bias + nq;
   t.key_bias = t.key_pos + nk;
-  t.max_keys = nk;
+  t.key_rows = row_pointers;
+  t.value_rows = row_pointers + nk;
   t.num_queries = 0;
   t.num_keys = 0;
   return t;
 }
 
-// Gathers the queries of base window (wz, wy, wx) and its key box for batch b, head h. The
-// flat bias index of (query i, key j) is key_bias[j] - query_bias[i], by bias_axis_index().
+// A token row in the accumulation type: the row itself when it is stored in that type, else
+// converted into `buffer`.
+template <typename acc_t>
+XK_ALWAYS_INLINE const acc_t* as_acc_rows(const acc_t* src, acc_t*, int64_t) {
+  return src;
+}
+XK_ALWAYS_INLINE const float* as_acc_rows(const uint16_t* src, float* buffer, int64_t hd) {
+  for (int64_t d = 0; d < hd; ++d) buffer[d] = to_acc(src[d]);
+  return buffer;
+}
+
+// Gathers the query positions of base window (wz, wy, wx) and its key box (rows of key and
+// value, for batch b and head h). The flat bias index of (query i, key j) is
+// key_bias[j] - query_bias[i], by bias_axis_index().
 template <typename scalar_t, typename acc_t>
-void gather_window(const AttentionParams<scalar_t, acc_t>& p, int64_t b, int64_t h, int64_t wz,
-                   int64_t wy, int64_t wx, bool with_values_transposed, WindowTiles<acc_t>& t) {
+void gather_window(const AttentionParams<scalar_t, acc_t>& p, int64_t b, int64_t h, int64_t wz, int64_t wy,
+                   int64_t wx, WindowTiles<acc_t>& t) {
   const WindowGeometry& g = p.geometry;
   const int64_t hd = p.head_dim;
   const int64_t eh = bias_extent(g, 1), ew = bias_extent(g, 2);
@@ -132,11 +177,7 @@ void gather_window(const AttentionParams<scalar_t, acc_t>& p, int64_t b, int64_t
   for (int64_t az = 0; az < g.window[0] && oz + az < g.volume[0]; ++az)
     for (int64_t ay = 0; ay < g.window[1] && oy + ay < g.volume[1]; ++ay)
       for (int64_t ax = 0; ax < g.window[2] && ox + ax < g.volume[2]; ++ax) {
-        const int64_t z = oz + az, y = oy + ay, x = ox + ax;
-        const scalar_t* src = p.query + p.query_strides.offset(b, z, y, x, h);
-        acc_t* dst = t.q + nq * hd;
-        for (int64_t d = 0; d < hd; ++d) dst[d] = to_acc(src[d]) * p.scale;
-        t.query_pos[nq] = z * plane + y * g.volume[2] + x;
+        t.query_pos[nq] = (oz + az) * plane + (oy + ay) * g.volume[2] + (ox + ax);
         t.query_bias[nq] = (az * eh + ay) * ew + ax;
         ++nq;
       }
@@ -158,26 +199,11 @@ void gather_window(const AttentionParams<scalar_t, acc_t>& p, int64_t b, int64_t
         const int64_t x = bx + tx;
         const bool in = zy_in && inside_volume(g, 2, x);
         if (!in && !constant_padding) continue;
-        const scalar_t* k_src;
-        const scalar_t* v_src;
-        if (in) {
-          k_src = p.key + p.key_strides.offset(b, z, y, x, h);
-          v_src = p.value + p.value_strides.offset(b, z, y, x, h);
-          t.key_pos[nk] = z * plane + y * g.volume[2] + x;
-        } else {
-          k_src = p.pad_key + h * hd;
-          v_src = p.pad_value + h * hd;
-          t.key_pos[nk] = -1;
-        }
-        acc_t* k_row = t.k + nk * hd;
-        acc_t* v_row = t.v + nk * hd;
-        for (int64_t d = 0; d < hd; ++d) {
-          k_row[d] = to_acc(k_src[d]);
-          v_row[d] = to_acc(v_src[d]);
-          t.kt[d * t.max_keys + nk] = k_row[d];
-        }
-        if (with_values_transposed)
-          for (int64_t d = 0; d < hd; ++d) t.vt[d * t.max_keys + nk] = v_row[d];
+        const scalar_t* k_src = in ? p.key + p.key_strides.offset(b, z, y, x, h) : p.pad_key + h * hd;
+        const scalar_t* v_src = in ? p.value + p.value_strides.offset(b, z, y, x, h) : p.pad_value + h * hd;
+        t.key_rows[nk] = as_acc_rows(k_src, t.k + nk * hd, hd);
+        t.value_rows[nk] = as_acc_rows(v_src, t.v + nk * hd, hd);
+        t.key_pos[nk] = in ? z * plane + y * g.volume[2] + x : -1;
         t.key_bias[nk] = (tz * eh + ty) * ew + tx + bias_origin;
         ++nk;
       }
@@ -186,184 +212,245 @@ void gather_window(const AttentionParams<scalar_t, acc_t>& p, int64_t b, int64_t
   t.num_keys = nk;
 }
 
-// Scores of query row i against every gathered key: scale * <q, k> + bias.
+// Loads rows [first, first + count) of a window's tokens from `src` into lanes: `rows`
+// [kLanes][hd] and `transposed` [hd][kLanes], times `factor`; lanes past `count` are zero.
 template <typename scalar_t, typename acc_t>
-XK_ALWAYS_INLINE void window_scores(const AttentionParams<scalar_t, acc_t>& p, const scalar_t* bias,
-                                    const WindowTiles<acc_t>& t, int64_t i, acc_t* __restrict s) {
-  const int64_t nk = t.num_keys, hd = p.head_dim;
-  const acc_t* __restrict q = t.q + i * hd;
-  for (int64_t j = 0; j < nk; ++j) s[j] = 0;
-  for (int64_t d = 0; d < hd; ++d) {
-    const acc_t qd = q[d];
-    const acc_t* __restrict kt = t.kt + d * t.max_keys;
-    for (int64_t j = 0; j < nk; ++j) s[j] += qd * kt[j];
+void load_group(const scalar_t* src, const TokenStrides& strides, const AttentionParams<scalar_t, acc_t>& p,
+                const WindowTiles<acc_t>& t, int64_t b, int64_t h, int64_t first, int64_t count, acc_t factor,
+                acc_t* __restrict rows, acc_t* __restrict transposed) {
+  const int64_t hd = p.head_dim;
+  const WindowGeometry& g = p.geometry;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    acc_t* row = rows + l * hd;
+    if (l < count) {
+      const int64_t pos = t.query_pos[first + l];
+      const int64_t z = pos / (g.volume[1] * g.volume[2]), y = (pos / g.volume[2]) % g.volume[1],
+                    x = pos % g.volume[2];
+      const scalar_t* s = src + strides.offset(b, z, y, x, h);
+      for (int64_t d = 0; d < hd; ++d) row[d] = to_acc(s[d]) * factor;
+    } else {
+      for (int64_t d = 0; d < hd; ++d) row[d] = 0;
+    }
+    for (int64_t d = 0; d < hd; ++d) transposed[d * kLanes + l] = row[d];
   }
-  if (bias != nullptr) {
-    const scalar_t* b = bias - t.query_bias[i];
-    for (int64_t j = 0; j < nk; ++j) s[j] += to_acc(b[t.key_bias[j]]);
+}
+
+// out[j] = sum_d lanes[d] * rows[j][d] for every key j: a dot product of each row with every
+// query lane (scores = Q K^T, dP = dO V^T). Four rows at a time for instruction-level parallelism.
+template <typename acc_t>
+XK_ALWAYS_INLINE void lanes_dot_rows(const acc_t* __restrict lanes, const acc_t* const* rows, int64_t num_rows,
+                                     int64_t hd, acc_t* __restrict out) {
+  using vec = lanes_t<acc_t>;
+  int64_t j = 0;
+  for (; j + 4 <= num_rows; j += 4) {
+    const acc_t *r0 = rows[j], *r1 = rows[j + 1], *r2 = rows[j + 2], *r3 = rows[j + 3];
+    vec s0 = splat<acc_t>(0), s1 = s0, s2 = s0, s3 = s0;
+    for (int64_t d = 0; d < hd; ++d) {
+      const vec q = load_lanes(lanes + d * kLanes);
+      s0 += q * r0[d];
+      s1 += q * r1[d];
+      s2 += q * r2[d];
+      s3 += q * r3[d];
+    }
+    store_lanes(out + j * kLanes, s0);
+    store_lanes(out + (j + 1) * kLanes, s1);
+    store_lanes(out + (j + 2) * kLanes, s2);
+    store_lanes(out + (j + 3) * kLanes, s3);
+  }
+  for (; j < num_rows; ++j) {
+    const acc_t* r = rows[j];
+    vec s = splat<acc_t>(0);
+    for (int64_t d = 0; d < hd; ++d) s += load_lanes(lanes + d * kLanes) * r[d];
+    store_lanes(out + j * kLanes, s);
+  }
+}
+
+// out[d] = sum_j weights[j] * rows[j][d] for every channel d: the rows weighted by each query
+// lane (output = P V, dQ = dS K). Four channels at a time.
+template <typename acc_t>
+XK_ALWAYS_INLINE void rows_weighted_by_lanes(const acc_t* __restrict weights, const acc_t* const* rows,
+                                             int64_t num_rows, int64_t hd, acc_t* __restrict out) {
+  using vec = lanes_t<acc_t>;
+  int64_t d = 0;
+  for (; d + 4 <= hd; d += 4) {
+    vec a0 = splat<acc_t>(0), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t j = 0; j < num_rows; ++j) {
+      const vec w = load_lanes(weights + j * kLanes);
+      const acc_t* r = rows[j] + d;
+      a0 += w * r[0];
+      a1 += w * r[1];
+      a2 += w * r[2];
+      a3 += w * r[3];
+    }
+    store_lanes(out + d * kLanes, a0);
+    store_lanes(out + (d + 1) * kLanes, a1);
+    store_lanes(out + (d + 2) * kLanes, a2);
+    store_lanes(out + (d + 3) * kLanes, a3);
+  }
+  for (; d < hd; ++d) {
+    vec a = splat<acc_t>(0);
+    for (int64_t j = 0; j < num_rows; ++j) a += load_lanes(weights + j * kLanes) * rows[j][d];
+    store_lanes(out + d * kLanes, a);
+  }
+}
+
+// out[d] += sum_l weights[l] * rows[l][d]: a row combined from the query lanes (dK = dS^T (scale Q),
+// dV = P^T dO for one key).
+template <typename acc_t>
+XK_ALWAYS_INLINE void add_lane_combination(const acc_t* __restrict weights, const acc_t* __restrict rows, int64_t hd,
+                                           acc_t* __restrict out) {
+  static_assert(kLanes == 8, "the unrolled lane sum assumes 8 lanes");
+  const acc_t w0 = weights[0], w1 = weights[1], w2 = weights[2], w3 = weights[3], w4 = weights[4], w5 = weights[5],
+              w6 = weights[6], w7 = weights[7];
+  const acc_t *r0 = rows, *r1 = rows + hd, *r2 = rows + 2 * hd, *r3 = rows + 3 * hd, *r4 = rows + 4 * hd,
+              *r5 = rows + 5 * hd, *r6 = rows + 6 * hd, *r7 = rows + 7 * hd;
+  for (int64_t d = 0; d < hd; ++d) {
+    out[d] += ((w0 * r0[d] + w1 * r1[d]) + (w2 * r2[d] + w3 * r3[d])) + ((w4 * r4[d] + w5 * r5[d]) + (w6 * r6[d] + w7 * r7[d]));
+  }
+}
+
+// Scores of the current query group: scale * <q, k> (+ bias) for every gathered key.
+template <typename scalar_t, typename acc_t>
+XK_ALWAYS_INLINE void group_scores(const AttentionParams<scalar_t, acc_t>& p, const scalar_t* bias,
+                                   const WindowTiles<acc_t>& t, int64_t first, int64_t count) {
+  lanes_dot_rows(t.qt, t.key_rows, t.num_keys, p.head_dim, t.scores);
+  if (bias == nullptr) return;
+  for (int64_t j = 0; j < t.num_keys; ++j) {
+    const scalar_t* b = bias + t.key_bias[j];
+    acc_t* s = t.scores + j * kLanes;
+    for (int64_t l = 0; l < count; ++l) s[l] += to_acc(b[-t.query_bias[first + l]]);
   }
 }
 
 template <typename scalar_t, typename acc_t>
-void forward_windows(const AttentionParams<scalar_t, acc_t>& p, int64_t begin, int64_t end,
-                     acc_t* scratch, int64_t* index_scratch) {
+void forward_windows(const AttentionParams<scalar_t, acc_t>& p, int64_t begin, int64_t end, acc_t* scratch,
+                     int64_t* index_scratch, const acc_t** row_scratch) {
+  using vec = lanes_t<acc_t>;
   const WindowGeometry& g = p.geometry;
   const int64_t nwz = num_windows(g, 0), nwy = num_windows(g, 1), nwx = num_windows(g, 2);
   const int64_t hd = p.head_dim;
   const int64_t voxels = g.volume[0] * g.volume[1] * g.volume[2];
   const int64_t bias_per_head = bias_extent(g, 0) * bias_extent(g, 1) * bias_extent(g, 2);
-  WindowTiles<acc_t> t = carve_tiles(g, hd, scratch, index_scratch);
+  WindowTiles<acc_t> t = carve_tiles(g, hd, scratch, index_scratch, row_scratch);
 
   for (int64_t task = begin; task < end; ++task) {
-    // task = ((b * heads + h) * nwz + wz) * nwy + wy) * nwx + wx
+    // task = (((b * heads + h) * nwz + wz) * nwy + wy) * nwx + wx
     int64_t rest = task;
     const int64_t wx = rest % nwx; rest /= nwx;
     const int64_t wy = rest % nwy; rest /= nwy;
     const int64_t wz = rest % nwz; rest /= nwz;
     const int64_t h = rest % p.heads;
     const int64_t b = rest / p.heads;
-    gather_window(p, b, h, wz, wy, wx, false, t);
+    gather_window(p, b, h, wz, wy, wx, t);
     const scalar_t* bias = p.rel_pos_bias ? p.rel_pos_bias + h * bias_per_head : nullptr;
     const int64_t nk = t.num_keys;
 
-    for (int64_t i = 0; i < t.num_queries; ++i) {
-      acc_t* __restrict s = t.scores;
-      window_scores(p, bias, t, i, s);
-      acc_t row_max = s[0];
-      for (int64_t j = 1; j < nk; ++j) row_max = s[j] > row_max ? s[j] : row_max;
-      acc_t row_sum = 0;
-      for (int64_t j = 0; j < nk; ++j) {
-        s[j] = softmax_exp(s[j] - row_max);
-        row_sum += s[j];
+    for (int64_t first = 0; first < t.num_queries; first += kLanes) {
+      const int64_t count = t.num_queries - first < kLanes ? t.num_queries - first : kLanes;
+      load_group(p.query, p.query_strides, p, t, b, h, first, count, p.scale, t.q_rows, t.qt);
+      group_scores(p, bias, t, first, count);
+      vec row_max = load_lanes(t.scores);
+      for (int64_t j = 1; j < nk; ++j) {
+        const vec s = load_lanes(t.scores + j * kLanes);
+        row_max = s > row_max ? s : row_max;
       }
-      acc_t* __restrict o = t.rows;
-      for (int64_t d = 0; d < hd; ++d) o[d] = 0;
+      vec row_sum = splat<acc_t>(0);
       for (int64_t j = 0; j < nk; ++j) {
-        const acc_t pj = s[j];
-        const acc_t* __restrict v = t.v + j * hd;
-        for (int64_t d = 0; d < hd; ++d) o[d] += pj * v[d];
+        const vec e = exp_lanes(load_lanes(t.scores + j * kLanes) - row_max);
+        store_lanes(t.scores + j * kLanes, e);
+        row_sum += e;
       }
-      const acc_t inv_sum = acc_t(1) / row_sum;
-      const int64_t pos = t.query_pos[i];
-      scalar_t* dst = p.out + (b * voxels + pos) * p.heads * hd + h * hd;
-      for (int64_t d = 0; d < hd; ++d) store(dst + d, o[d] * inv_sum);
-      p.lse[(b * p.heads + h) * voxels + pos] = row_max + log_acc(row_sum);
+      rows_weighted_by_lanes(t.scores, t.value_rows, nk, hd, t.acc_t_);
+      for (int64_t l = 0; l < count; ++l) {
+        const int64_t pos = t.query_pos[first + l];
+        const acc_t inv_sum = acc_t(1) / row_sum[l];
+        scalar_t* dst = p.out + (b * voxels + pos) * p.heads * hd + h * hd;
+        for (int64_t d = 0; d < hd; ++d) store(dst + d, t.acc_t_[d * kLanes + l] * inv_sum);
+        p.lse[(b * p.heads + h) * voxels + pos] = row_max[l] + log_acc(row_sum[l]);
+      }
     }
   }
 }
 
-// Backward over the windows of one colour. Tasks are (b, h, iz, iy) with window indices
-// wz = cz + iz * period_z, wy = cy + iy * period_y; each task walks wx = cx + ix * period_x.
-// Windows of one colour have disjoint key boxes, so their key/value gradients never collide;
-// the colours run one after another, which fixes the order of every sum (bitwise determinism).
+// Backward over the base windows of one colour: the windows with wz = color + iz * period
+// (period = ceil(sd / wd), see color_period()). Task (b, h, iz) walks every window of its
+// z-plane in a fixed order; planes of one colour are far enough apart that their key boxes are
+// disjoint, so tasks accumulate key/value gradients straight into dK/dV without races, and the
+// colours run one after another, which fixes the order of every sum (bitwise determinism,
+// whatever the thread count). Each task's key rows stay within a few planes (cache friendly).
 // Bias and pad gradients go to the task's own partial slot, reduced later in a fixed order.
 template <typename scalar_t, typename acc_t>
-void backward_windows(const AttentionParams<scalar_t, acc_t>& p, const int64_t color[3],
-                      int64_t begin, int64_t end, acc_t* scratch, int64_t* index_scratch) {
+void backward_windows(const AttentionParams<scalar_t, acc_t>& p, int64_t color, int64_t begin, int64_t end,
+                      acc_t* scratch, int64_t* index_scratch, const acc_t** row_scratch) {
+  using vec = lanes_t<acc_t>;
   const WindowGeometry& g = p.geometry;
   const int64_t hd = p.head_dim;
   const int64_t voxels = g.volume[0] * g.volume[1] * g.volume[2];
   const int64_t bias_per_head = bias_extent(g, 0) * bias_extent(g, 1) * bias_extent(g, 2);
-  const int64_t count_z = windows_of_color(g, 0, color[0]);
-  const int64_t count_y = windows_of_color(g, 1, color[1]);
-  const int64_t count_x = windows_of_color(g, 2, color[2]);
-  const int64_t slots_z = windows_of_color(g, 0, 0), slots_y = windows_of_color(g, 1, 0);
-  const int64_t period_z = color_period(g, 0), period_y = color_period(g, 1), period_x = color_period(g, 2);
+  const int64_t count_z = windows_of_color(g, 0, color);
+  const int64_t slots_z = windows_of_color(g, 0, 0);
+  const int64_t nwy = num_windows(g, 1), nwx = num_windows(g, 2);
   const bool constant_padding = p.pad_key != nullptr;
-  WindowTiles<acc_t> t = carve_tiles(g, hd, scratch, index_scratch);
+  WindowTiles<acc_t> t = carve_tiles(g, hd, scratch, index_scratch, row_scratch);
 
   for (int64_t task = begin; task < end; ++task) {
-    int64_t rest = task;
-    const int64_t iy = rest % count_y; rest /= count_y;
-    const int64_t iz = rest % count_z; rest /= count_z;
-    const int64_t h = rest % p.heads;
-    const int64_t b = rest / p.heads;
-    const int64_t wz = color[0] + iz * period_z, wy = color[1] + iy * period_y;
-    acc_t* slot = p.partials ? p.partials + (((b * p.heads + h) * slots_z + iz) * slots_y + iy) * p.partial_stride
-                             : nullptr;
-    acc_t* grad_bias = slot;                                   // bias_per_head entries, if bias
-    acc_t* grad_pad_key = slot ? slot + (p.rel_pos_bias ? bias_per_head : 0) : nullptr;
-    acc_t* grad_pad_value = grad_pad_key ? grad_pad_key + hd : nullptr;
+    const int64_t iz = task % count_z;
+    const int64_t h = (task / count_z) % p.heads;
+    const int64_t b = task / count_z / p.heads;
+    const int64_t wz = color + iz * color_period(g, 0);
+    acc_t* slot = p.partials ? p.partials + ((b * p.heads + h) * slots_z + iz) * p.partial_stride : nullptr;
+    acc_t* grad_bias = p.rel_pos_bias ? slot : nullptr;
+    acc_t* grad_pad_key = constant_padding ? slot + (p.rel_pos_bias ? bias_per_head : 0) : nullptr;
+    acc_t* grad_pad_value = constant_padding ? grad_pad_key + hd : nullptr;
     const scalar_t* bias = p.rel_pos_bias ? p.rel_pos_bias + h * bias_per_head : nullptr;
 
-    for (int64_t ix = 0; ix < count_x; ++ix) {
-      const int64_t wx = color[2] + ix * period_x;
-      gather_window(p, b, h, wz, wy, wx, true, t);
+    for (int64_t window = 0; window < nwy * nwx; ++window) {
+      gather_window(p, b, h, wz, window / nwx, window % nwx, t);
       const int64_t nk = t.num_keys;
-      for (int64_t j = 0; j < nk * hd; ++j) {
-        t.grad_k[j] = 0;
-        t.grad_v[j] = 0;
-      }
-      for (int64_t i = 0; i < t.num_queries; ++i) {
-        const int64_t pos = t.query_pos[i];
-        const int64_t token = (b * voxels + pos) * p.heads * hd + h * hd;
-        const acc_t lse = p.lse[(b * p.heads + h) * voxels + pos];
-        // dO row and delta = <dO, O>.
-        acc_t* __restrict dout = t.rows;
-        const int64_t z = pos / (g.volume[1] * g.volume[2]);
-        const int64_t y = (pos / g.volume[2]) % g.volume[1];
-        const int64_t x = pos % g.volume[2];
-        const scalar_t* dout_src = p.grad_out + p.grad_out_strides.offset(b, z, y, x, h);
-        acc_t delta = 0;
-        for (int64_t d = 0; d < hd; ++d) {
-          dout[d] = to_acc(dout_src[d]);
-          delta += dout[d] * to_acc(p.out[token + d]);
+      for (int64_t first = 0; first < t.num_queries; first += kLanes) {
+        const int64_t count = t.num_queries - first < kLanes ? t.num_queries - first : kLanes;
+        load_group(p.query, p.query_strides, p, t, b, h, first, count, p.scale, t.q_rows, t.qt);
+        load_group(p.grad_out, p.grad_out_strides, p, t, b, h, first, count, acc_t(1), t.dout_rows, t.dout_t);
+        // delta = <dO, O> and the log-sum-exp of each query lane.
+        vec delta = splat<acc_t>(0), lse = splat<acc_t>(0);
+        for (int64_t l = 0; l < count; ++l) {
+          const int64_t pos = t.query_pos[first + l];
+          const scalar_t* o = p.out + (b * voxels + pos) * p.heads * hd + h * hd;
+          acc_t sum = 0;
+          for (int64_t d = 0; d < hd; ++d) sum += t.dout_rows[l * hd + d] * to_acc(o[d]);
+          delta[l] = sum;
+          lse[l] = p.lse[(b * p.heads + h) * voxels + pos];
         }
-        // P = exp(S - lse), dP = dO V^T, dS = P (dP - delta).
-        acc_t* __restrict s = t.scores;
-        window_scores(p, bias, t, i, s);
-        for (int64_t j = 0; j < nk; ++j) s[j] = softmax_exp(s[j] - lse);
-        acc_t* __restrict dp = t.scores + t.max_keys;
-        for (int64_t j = 0; j < nk; ++j) dp[j] = 0;
-        for (int64_t d = 0; d < hd; ++d) {
-          const acc_t g_d = dout[d];
-          const acc_t* __restrict vt = t.vt + d * t.max_keys;
-          for (int64_t j = 0; j < nk; ++j) dp[j] += g_d * vt[j];
-        }
-        for (int64_t j = 0; j < nk; ++j) dp[j] = s[j] * (dp[j] - delta);  // dp now holds dS
-        // dK += dS (scale q); dV += P dO; dQ = scale * dS K.
-        const acc_t* __restrict scaled_q = t.q + i * hd;
+        // P = exp(S - lse); dP = dO V^T; dS = P (dP - delta).
+        group_scores(p, bias, t, first, count);
+        for (int64_t j = 0; j < nk; ++j)
+          store_lanes(t.scores + j * kLanes, exp_lanes(load_lanes(t.scores + j * kLanes) - lse));
+        lanes_dot_rows(t.dout_t, t.value_rows, nk, hd, t.grad_scores);
         for (int64_t j = 0; j < nk; ++j) {
-          const acc_t ds = dp[j];
-          const acc_t pj = s[j];
-          acc_t* __restrict gk = t.grad_k + j * hd;
-          acc_t* __restrict gv = t.grad_v + j * hd;
-          for (int64_t d = 0; d < hd; ++d) {
-            gk[d] += ds * scaled_q[d];
-            gv[d] += pj * dout[d];
-          }
+          const vec prob = load_lanes(t.scores + j * kLanes);
+          store_lanes(t.grad_scores + j * kLanes, prob * (load_lanes(t.grad_scores + j * kLanes) - delta));
         }
-        acc_t* __restrict gq = t.rows + hd;
-        for (int64_t d = 0; d < hd; ++d) gq[d] = 0;
+        // dQ = scale * dS K.
+        rows_weighted_by_lanes(t.grad_scores, t.key_rows, nk, hd, t.acc_t_);
+        for (int64_t l = 0; l < count; ++l) {
+          const int64_t pos = t.query_pos[first + l];
+          scalar_t* dst = p.grad_query + (b * voxels + pos) * p.heads * hd + h * hd;
+          for (int64_t d = 0; d < hd; ++d) store(dst + d, t.acc_t_[d * kLanes + l] * p.scale);
+        }
+        // dK += dS (scale q) and dV += P dO, straight into the gradients: this task owns the
+        // key box (see above). Padded keys feed pad_key/pad_value; padded lanes are zero.
         for (int64_t j = 0; j < nk; ++j) {
-          const acc_t ds = dp[j];
-          const acc_t* __restrict k = t.k + j * hd;
-          for (int64_t d = 0; d < hd; ++d) gq[d] += ds * k[d];
-        }
-        scalar_t* gq_dst = p.grad_query + token;
-        for (int64_t d = 0; d < hd; ++d) store(gq_dst + d, gq[d] * p.scale);
-        if (grad_bias != nullptr) {
-          acc_t* gb = grad_bias - t.query_bias[i];
-          for (int64_t j = 0; j < nk; ++j) gb[t.key_bias[j]] += dp[j];
-        }
-      }
-      // Scatter the window's key/value gradients; padded keys feed pad_key/pad_value.
-      for (int64_t j = 0; j < nk; ++j) {
-        const acc_t* gk = t.grad_k + j * hd;
-        const acc_t* gv = t.grad_v + j * hd;
-        const int64_t pos = t.key_pos[j];
-        if (pos >= 0) {
+          const int64_t pos = t.key_pos[j];
           const int64_t token = (b * voxels + pos) * p.heads * hd + h * hd;
-          acc_t* dk = p.grad_key + token;
-          acc_t* dv = p.grad_value + token;
-          for (int64_t d = 0; d < hd; ++d) {
-            dk[d] += gk[d];
-            dv[d] += gv[d];
-          }
-        } else if (constant_padding) {
-          for (int64_t d = 0; d < hd; ++d) {
-            grad_pad_key[d] += gk[d];
-            grad_pad_value[d] += gv[d];
+          add_lane_combination(t.grad_scores + j * kLanes, t.q_rows, hd, pos >= 0 ? p.grad_key + token : grad_pad_key);
+          add_lane_combination(t.scores + j * kLanes, t.dout_rows, hd,
+                               pos >= 0 ? p.grad_value + token : grad_pad_value);
+        }
+        if (grad_bias != nullptr) {
+          for (int64_t j = 0; j < nk; ++j) {
+            acc_t* gb = grad_bias + t.key_bias[j];
+            const acc_t* ds = t.grad_scores + j * kLanes;
+            for (int64_t l = 0; l < count; ++l) gb[-t.query_bias[first + l]] += ds[l];
           }
         }
       }

@@ -74,4 +74,34 @@ XK_HOST_DEVICE int64_t windows_of_color(const WindowGeometry& g, int axis, int64
   return color < n ? ceil_div(n - color, color_period(g, axis)) : 0;
 }
 
+// Flat index into one head's (Ed, Eh, Ew) bias for key `key_in_box` of a box and query
+// `query_in_window` of its window, by bias_axis_index() on each axis. It splits as
+// bias_key_part(key) - bias_query_part(query), so kernels can tabulate the two parts apart.
+XK_HOST_DEVICE int64_t bias_key_part(const WindowGeometry& g, int64_t tz, int64_t ty, int64_t tx) {
+  return (bias_axis_index(g, 0, tz, 0) * bias_extent(g, 1) + bias_axis_index(g, 1, ty, 0)) * bias_extent(g, 2) +
+         bias_axis_index(g, 2, tx, 0);
+}
+XK_HOST_DEVICE int64_t bias_query_part(const WindowGeometry& g, int64_t az, int64_t ay, int64_t ax) {
+  return (az * bias_extent(g, 1) + ay) * bias_extent(g, 2) + ax;
+}
+XK_HOST_DEVICE int64_t bias_flat_index(const WindowGeometry& g, int64_t tz, int64_t ty, int64_t tx, int64_t az,
+                                       int64_t ay, int64_t ax) {
+  return bias_key_part(g, tz, ty, tx) - bias_query_part(g, az, ay, ax);
+}
+
+XK_HOST_DEVICE int64_t floor_div(int64_t a, int64_t b) {  // b > 0
+  return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
+
+// Windows along an axis whose key box holds `position` (a voxel inside the volume): the range
+// [first, last], empty when first > last. Box w holds it when w*win - l <= position < w*win - l + s.
+XK_HOST_DEVICE int64_t first_window_containing(const WindowGeometry& g, int axis, int64_t position) {
+  const int64_t first = floor_div(position + left_margin(g, axis) - g.search[axis], g.window[axis]) + 1;
+  return first > 0 ? first : 0;
+}
+XK_HOST_DEVICE int64_t last_window_containing(const WindowGeometry& g, int axis, int64_t position) {
+  const int64_t last = (position + left_margin(g, axis)) / g.window[axis];
+  return last < num_windows(g, axis) - 1 ? last : num_windows(g, axis) - 1;
+}
+
 }  // namespace xmorpher_kernels
