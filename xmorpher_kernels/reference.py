@@ -76,10 +76,11 @@ def reference_window_cross_attention(args: AttentionArgs) -> torch.Tensor:
 
     if args.padding == "constant":
         outside = ~inside[None, :, None, :, None]
-        pad_key = torch.zeros_like(q[0, 0]) if args.pad_key is None else args.pad_key[:, None, :]
-        pad_value = torch.zeros_like(q[0, 0]) if args.pad_value is None else args.pad_value[:, None, :]
-        k = torch.where(outside, pad_key, k)
-        v = torch.where(outside, pad_value, v)
+        zeros = q.new_zeros(heads, head_dim)
+        pad_key = zeros if args.pad_key is None else args.pad_key
+        pad_value = zeros if args.pad_value is None else args.pad_value
+        k = torch.where(outside, pad_key[:, None, :], k)
+        v = torch.where(outside, pad_value[:, None, :], v)
 
     scores = torch.matmul(q, k.transpose(-1, -2)) * args.scale  # (B, windows, heads, nq, nk)
     if args.rel_pos_bias is not None:

@@ -192,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t partial_stride = (with_bias ? bias_per_head : 0) + (with_pad ? 2 * head_dim : 0);
   at::Tensor partials;
   if (partial_stride > 0) {
-    partials = at::zeros({batch, heads, slots_z, partial_stride}, query.options().dtype(acc_type));
+    partials = at::zeros({batch, heads, slots_z, partial_stride}, query.options().dtype(at::kDouble));
   }
 
   if (query.numel() > 0) {
@@ -208,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       p.grad_query = reinterpret_cast<storage_t*>(grad_query.mutable_data_ptr<scalar_t>());
       p.grad_key = grad_key.mutable_data_ptr<acc_t>();
       p.grad_value = grad_value.mutable_data_ptr<acc_t>();
-      p.partials = partials.defined() ? partials.mutable_data_ptr<acc_t>() : nullptr;
+      p.partials = partials.defined() ? partials.mutable_data_ptr<double>() : nullptr;
       p.partial_stride = partial_stride;
       // One pass per colour, in a fixed order (see backward_windows()).
       for (int64_t color = 0; color < color_period(g, 0); ++color) {

@@ -35,7 +35,7 @@ constexpr int64_t kQueryLanes = 8;
 // Scratch elements one thread needs: accumulation-type tiles and indices (see WindowTiles).
 inline int64_t tile_acc_elements(const WindowGeometry& g, int64_t head_dim) {
   const int64_t nk = g.search[0] * g.search[1] * g.search[2];
-  return 5 * kQueryLanes * head_dim + 2 * nk * head_dim + 2 * nk * kQueryLanes;
+  return 5 * kQueryLanes * head_dim + 2 * nk * head_dim + 2 * nk * kQueryLanes + 2 * head_dim;
 }
 inline int64_t tile_row_pointers(const WindowGeometry& g) { return 2 * g.search[0] * g.search[1] * g.search[2]; }
 inline int64_t tile_index_elements(const WindowGeometry& g) {

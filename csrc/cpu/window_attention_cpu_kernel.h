@@ -115,6 +115,7 @@ struct WindowTiles {
   const acc_t** value_rows;  // [max_keys] each gathered value row (pad_value for padded keys)
   acc_t* scores;     // [max_keys][kLanes]  scores, then probabilities
   acc_t* grad_scores;  // [max_keys][kLanes]  dP, then dS
+  acc_t* grad_pad;     // [2][head_dim]       the window's gradient of pad_key, then of pad_value
   int64_t* query_pos;   // [max_queries] position z*H*W + y*W + x of each query of the window
   int64_t* query_bias;  // [max_queries] flat bias offset of the query within the window
   int64_t* key_pos;     // [max_keys] position of each gathered key, -1 when padded
@@ -139,6 +140,7 @@ WindowTiles<acc_t> carve_tiles(const WindowGeometry& g, int64_t head_dim, acc_t*
   t.v = t.k + box;
   t.scores = t.v + box;
   t.grad_scores = t.scores + nk * kLanes;
+  t.grad_pad = t.grad_scores + nk * kLanes;
   t.query_pos = index;
   t.query_bias = t.query_pos + nq;
   t.key_pos = t.query_bias + nq;
@@ -398,15 +400,15 @@ void backward_windows(const AttentionParams<scalar_t, acc_t>& p, int64_t color, 
     const int64_t h = (task / count_z) % p.heads;
     const int64_t b = task / count_z / p.heads;
     const int64_t wz = color + iz * color_period(g, 0);
-    acc_t* slot = p.partials ? p.partials + ((b * p.heads + h) * slots_z + iz) * p.partial_stride : nullptr;
-    acc_t* grad_bias = p.rel_pos_bias ? slot : nullptr;
-    acc_t* grad_pad_key = constant_padding ? slot + (p.rel_pos_bias ? bias_per_head : 0) : nullptr;
-    acc_t* grad_pad_value = constant_padding ? grad_pad_key + hd : nullptr;
+    double* slot = p.partials ? p.partials + ((b * p.heads + h) * slots_z + iz) * p.partial_stride : nullptr;
+    double* grad_bias = p.rel_pos_bias ? slot : nullptr;
+    double* grad_pad = constant_padding ? slot + (p.rel_pos_bias ? bias_per_head : 0) : nullptr;
     const scalar_t* bias = p.rel_pos_bias ? p.rel_pos_bias + h * bias_per_head : nullptr;
 
     for (int64_t window = 0; window < nwy * nwx; ++window) {
       gather_window(p, b, h, wz, window / nwx, window % nwx, t);
       const int64_t nk = t.num_keys;
+      for (int64_t d = 0; d < 2 * hd; ++d) t.grad_pad[d] = 0;
       for (int64_t first = 0; first < t.num_queries; first += kLanes) {
         const int64_t count = t.num_queries - first < kLanes ? t.num_queries - first : kLanes;
         load_group(p.query, p.query_strides, p, t, b, h, first, count, p.scale, t.q_rows, t.qt);
@@ -442,18 +444,20 @@ void backward_windows(const AttentionParams<scalar_t, acc_t>& p, int64_t color, 
         for (int64_t j = 0; j < nk; ++j) {
           const int64_t pos = t.key_pos[j];
           const int64_t token = (b * voxels + pos) * p.heads * hd + h * hd;
-          add_lane_combination(t.grad_scores + j * kLanes, t.q_rows, hd, pos >= 0 ? p.grad_key + token : grad_pad_key);
+          add_lane_combination(t.grad_scores + j * kLanes, t.q_rows, hd, pos >= 0 ? p.grad_key + token : t.grad_pad);
           add_lane_combination(t.scores + j * kLanes, t.dout_rows, hd,
-                               pos >= 0 ? p.grad_value + token : grad_pad_value);
+                               pos >= 0 ? p.grad_value + token : t.grad_pad + hd);
         }
         if (grad_bias != nullptr) {
           for (int64_t j = 0; j < nk; ++j) {
-            acc_t* gb = grad_bias + t.key_bias[j];
+            double* gb = grad_bias + t.key_bias[j];
             const acc_t* ds = t.grad_scores + j * kLanes;
             for (int64_t l = 0; l < count; ++l) gb[-t.query_bias[first + l]] += ds[l];
           }
         }
       }
+      if (grad_pad != nullptr)
+        for (int64_t d = 0; d < 2 * hd; ++d) grad_pad[d] += t.grad_pad[d];
     }
   }
 }

@@ -45,7 +45,8 @@ struct AttentionParams {
   scalar_t* grad_query;          // contiguous, like out
   acc_t* grad_key;               // contiguous accumulators, like out
   acc_t* grad_value;
-  acc_t* partials;               // per-slot partial sums of the bias and pad gradients
+  double* partials;              // per-slot partial sums of the bias and pad gradients (in fp64:
+                                 // each sums many terms)
   int64_t partial_stride;        // elements per slot
 };
 

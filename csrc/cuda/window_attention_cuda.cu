@@ -1,0 +1,219 @@
+// CUDA implementation of the window attention ops (schema in csrc/window_attention.cpp):
+// argument plumbing, the choice of kernels, the deterministic/fast backward switch and the
+// fixed-order reduction of the bias and pad partials. Kernels live in
+// window_attention_cuda_generic.cu (every configuration, and the backward) and
+// window_attention_cuda_mma.cu (tensor-core forward for fp16/bf16).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "cuda_common.cuh"
+#include "window_attention_cuda.h"
+#include "xmorpher_kernels/op_checks.h"
+
+namespace xmorpher_kernels {
+namespace cuda {
+namespace {
+
+// Kernel storage type of an ATen scalar type.
+template <typename T> struct Storage { using type = T; };
+template <> struct Storage<at::Half> { using type = __half; };
+template <> struct Storage<at::BFloat16> { using type = __nv_bfloat16; };
+
+// Calls f(scalar_t{}) for the dtypes the kernels are built for (check_cuda_inputs rejects others).
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kHalf: return f(at::Half{});
+    case at::kBFloat16: return f(at::BFloat16{});
+    default: TORCH_CHECK(false, op, " (cuda): unsupported dtype ", dtype);
+  }
+}
+
+TokenStrides token_strides(const at::Tensor& t) {
+  return TokenStrides{t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
+}
+
+OpInputs check_cuda_inputs(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                           at::IntArrayRef window_size, at::IntArrayRef search_size,
+                           const c10::optional<at::Tensor>& rel_pos_bias, const c10::optional<at::Tensor>& pad_key,
+                           const c10::optional<at::Tensor>& pad_value) {
+  OpInputs in = check_op_inputs(op, query, key, value, window_size, search_size, rel_pos_bias, pad_key, pad_value,
+                                {at::kFloat, at::kHalf, at::kBFloat16});
+  TORCH_CHECK(query.size(5) <= kMaxHeadDim, op, " (cuda): head_dim must be at most ", kMaxHeadDim, ", got ",
+              query.size(5));
+  for (const at::Tensor* t : {&in.rel_pos_bias, &in.pad_key, &in.pad_value}) {
+    TORCH_CHECK(!t->defined() || t->device() == query.device(), op,
+                ": rel_pos_bias, pad_key and pad_value must be on the device of query");
+  }
+  return in;
+}
+
+template <typename T, typename at_t>
+AttentionParams<T, float> make_params(const OpInputs& in, double scale) {
+  AttentionParams<T, float> p{};
+  p.geometry = in.geometry;
+  p.batch = in.query.size(0);
+  p.heads = in.query.size(4);
+  p.head_dim = in.query.size(5);
+  p.scale = static_cast<float>(scale);
+  p.query = reinterpret_cast<const T*>(in.query.const_data_ptr<at_t>());
+  p.key = reinterpret_cast<const T*>(in.key.const_data_ptr<at_t>());
+  p.value = reinterpret_cast<const T*>(in.value.const_data_ptr<at_t>());
+  p.query_strides = token_strides(in.query);
+  p.key_strides = token_strides(in.key);
+  p.value_strides = token_strides(in.value);
+  auto optional_ptr = [](const at::Tensor& t) {
+    return t.defined() ? reinterpret_cast<const T*>(t.const_data_ptr<at_t>()) : nullptr;
+  };
+  p.rel_pos_bias = optional_ptr(in.rel_pos_bias);
+  p.pad_key = optional_ptr(in.pad_key);
+  p.pad_value = optional_ptr(in.pad_value);
+  return p;
+}
+
+// Whether key, value and pad rows can be read 16 bytes at a time by the tensor-core kernel.
+bool rows_are_16_byte_aligned(const OpInputs& in) {
+  auto aligned = [](const at::Tensor& t) {
+    if (!t.defined()) return true;
+    if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 != 0) return false;
+    const int64_t elements = 16 / t.element_size();
+    for (int64_t d = 0; d + 1 < t.dim(); ++d)
+      if (t.size(d) > 1 && t.stride(d) % elements != 0) return false;
+    return true;
+  };
+  return aligned(in.key) && aligned(in.value) && aligned(in.pad_key) && aligned(in.pad_value);
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& query_in, const at::Tensor& key_in,
+                                           const at::Tensor& value_in, at::IntArrayRef window_size,
+                                           at::IntArrayRef search_size, double scale,
+                                           const c10::optional<at::Tensor>& rel_pos_bias,
+                                           const c10::optional<at::Tensor>& pad_key,
+                                           const c10::optional<at::Tensor>& pad_value) {
+  const OpInputs in = check_cuda_inputs("window_attention_forward", query_in, key_in, value_in, window_size,
+                                        search_size, rel_pos_bias, pad_key, pad_value);
+  const at::Tensor& query = in.query;
+  const c10::cuda::CUDAGuard device_guard(query.device());
+  auto out = at::empty(query.sizes(), query.options().memory_format(at::MemoryFormat::Contiguous));
+  auto lse = at::empty({query.size(0), query.size(4), query.size(1), query.size(2), query.size(3)},
+                       query.options().dtype(at::kFloat));
+  if (query.numel() == 0) return {out, lse};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  dispatch_dtype(query.scalar_type(), "window_attention_forward", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using T = typename Storage<scalar_t>::type;
+    auto p = make_params<T, scalar_t>(in, scale);
+    p.out = reinterpret_cast<T*>(out.mutable_data_ptr<scalar_t>());
+    p.lse = lse.mutable_data_ptr<float>();
+    bool done = false;
+    if constexpr (!std::is_same_v<T, float>) done = launch_forward_mma(p, rows_are_16_byte_aligned(in), stream);
+    if (!done) launch_forward_generic(p, stream);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_out_in, const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, at::IntArrayRef window_size, at::IntArrayRef search_size,
+    double scale, const c10::optional<at::Tensor>& rel_pos_bias, const c10::optional<at::Tensor>& pad_key,
+    const c10::optional<at::Tensor>& pad_value) {
+  const OpInputs in = check_cuda_inputs("window_attention_backward", query_in, key_in, value_in, window_size,
+                                        search_size, rel_pos_bias, pad_key, pad_value);
+  const at::Tensor& query = in.query;
+  const WindowGeometry& g = in.geometry;
+  const c10::cuda::CUDAGuard device_guard(query.device());
+  const at::Tensor grad_out = last_dim_contiguous(grad_out_in);
+  const at::Tensor out = out_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  TORCH_CHECK(grad_out.sizes() == query.sizes() && out.sizes() == query.sizes(),
+              "window_attention_backward: grad_out and out must have the shape of query");
+  TORCH_CHECK(grad_out.scalar_type() == query.scalar_type() && out.scalar_type() == query.scalar_type(),
+              "window_attention_backward: grad_out and out must have the dtype of query");
+  TORCH_CHECK(grad_out.device() == query.device() && out.device() == query.device() && lse.device() == query.device(),
+              "window_attention_backward: grad_out, out and lse must be on the device of query");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == query.numel() / std::max<int64_t>(query.size(5), 1),
+              "window_attention_backward: lse must be float32 (B, heads, D, H, W)");
+
+  // Deterministic mode: dK/dV from the atomic-free key-side kernel. Otherwise fp32 atomics.
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  const auto contiguous = query.options().memory_format(at::MemoryFormat::Contiguous);
+  const int64_t batch = query.size(0), heads = query.size(4), head_dim = query.size(5);
+  at::Tensor grad_query = at::empty(query.sizes(), contiguous);
+  at::Tensor grad_key = deterministic ? at::empty(query.sizes(), contiguous.dtype(at::kFloat))
+                                      : at::zeros(query.sizes(), contiguous.dtype(at::kFloat));
+  at::Tensor grad_value = deterministic ? at::empty(query.sizes(), contiguous.dtype(at::kFloat))
+                                        : at::zeros(query.sizes(), contiguous.dtype(at::kFloat));
+  at::Tensor delta;
+  if (deterministic) delta = at::empty({batch, heads, g.volume[0], g.volume[1], g.volume[2]}, contiguous.dtype(at::kFloat));
+
+  const bool with_bias = in.rel_pos_bias.defined(), with_pad = in.pad_key.defined();
+  const int64_t bias_per_head = bias_extent(g, 0) * bias_extent(g, 1) * bias_extent(g, 2);
+  const int64_t partial_stride = (with_bias ? bias_per_head : 0) + (with_pad ? 2 * head_dim : 0);
+  const int warps = backward_query_warps(g, head_dim, with_bias);
+  // Partials: (B, heads, slot (wz, wy) x warp, partial_stride); each warp writes its own entries.
+  const int64_t slots = num_windows(g, 0) * num_windows(g, 1) * warps;
+  at::Tensor partials;
+  if (partial_stride > 0) partials = at::empty({batch, heads, slots, partial_stride}, contiguous.dtype(at::kDouble));
+
+  if (query.numel() > 0) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    dispatch_dtype(query.scalar_type(), "window_attention_backward", [&](auto tag) {
+      using scalar_t = decltype(tag);
+      using T = typename Storage<scalar_t>::type;
+      auto p = make_params<T, scalar_t>(in, scale);
+      p.out = const_cast<T*>(reinterpret_cast<const T*>(out.const_data_ptr<scalar_t>()));
+      p.lse = const_cast<float*>(lse.const_data_ptr<float>());
+      p.grad_out = reinterpret_cast<const T*>(grad_out.const_data_ptr<scalar_t>());
+      p.grad_out_strides = token_strides(grad_out);
+      p.grad_query = reinterpret_cast<T*>(grad_query.mutable_data_ptr<scalar_t>());
+      p.grad_key = grad_key.mutable_data_ptr<float>();
+      p.grad_value = grad_value.mutable_data_ptr<float>();
+      p.partials = partials.defined() ? partials.mutable_data_ptr<double>() : nullptr;
+      p.partial_stride = partial_stride;
+      float* delta_ptr = deterministic ? delta.mutable_data_ptr<float>() : nullptr;
+      launch_backward_queries(p, warps, !deterministic, delta_ptr, stream);
+      if (deterministic) launch_backward_keys(p, delta_ptr, stream);
+    });
+  } else if (partials.defined()) {
+    partials.zero_();
+  }
+
+  // Sum the partials over batch and slots, in fp64: a fixed-order reduction, the same on every run.
+  at::Tensor grad_bias = at::empty({0}, query.options());
+  at::Tensor grad_pad_key = at::empty({0}, query.options());
+  at::Tensor grad_pad_value = at::empty({0}, query.options());
+  if (partials.defined()) {
+    const at::Tensor per_head = partials.sum({0, 2});  // (heads, partial_stride)
+    int64_t column = 0;
+    if (with_bias) {
+      grad_bias = per_head.narrow(1, 0, bias_per_head).reshape(in.rel_pos_bias.sizes()).to(query.scalar_type());
+      column = bias_per_head;
+    }
+    if (with_pad) {
+      grad_pad_key = per_head.narrow(1, column, head_dim).to(query.scalar_type()).contiguous();
+      grad_pad_value = per_head.narrow(1, column + head_dim, head_dim).to(query.scalar_type()).contiguous();
+    }
+  }
+  if (query.scalar_type() != at::kFloat) {
+    grad_key = grad_key.to(query.scalar_type());
+    grad_value = grad_value.to(query.scalar_type());
+  }
+  return {grad_query, grad_key, grad_value, grad_bias, grad_pad_key, grad_pad_value};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(xmorpher_kernels, CUDA, m) {
+  m.impl("window_attention_forward", &forward);
+  m.impl("window_attention_backward", &backward);
+}
+
+}  // namespace cuda
+}  // namespace xmorpher_kernels

@@ -1,0 +1,44 @@
+// Launchers of the CUDA kernels of window cross attention, called by the op implementation in
+// window_attention_cuda.cu. They take the plain AttentionParams (storage type float, __half or
+// __nv_bfloat16; fp32 accumulation) and run on the given stream; every launch is checked.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "xmorpher_kernels/attention_params.h"
+
+namespace xmorpher_kernels {
+namespace cuda {
+
+// Generic forward: one warp per query, online softmax over its key box read through the cache.
+// Any geometry, head_dim 1..128, every dtype.
+template <typename T>
+void launch_forward_generic(const AttentionParams<T, float>& p, cudaStream_t stream);
+
+// Tensor-core forward for fp16/bf16 (window_attention_cuda_mma.cu). Returns false, launching
+// nothing, when the call is outside what it covers: windows of more than 8 queries, head_dim not
+// a multiple of 16 or above 128, or a key box too large for shared memory. `vector_loads` says
+// key, value and pad rows may be read 16 bytes at a time (aligned base and strides).
+template <typename T>
+bool launch_forward_mma(const AttentionParams<T, float>& p, bool vector_loads, cudaStream_t stream);
+
+// Backward, query side: dQ, the bias and pad partials (p.partials holds `partial_warps` slots per
+// (b, head, wz, wy), each p.partial_stride floats), and with `atomic_key_grads` dK/dV scattered
+// with atomics into p.grad_key/p.grad_value (zeroed fp32). Without it, writes each query's
+// <dO, O> to `delta` for launch_backward_keys().
+template <typename T>
+void launch_backward_queries(const AttentionParams<T, float>& p, int partial_warps, bool atomic_key_grads,
+                             float* delta, cudaStream_t stream);
+
+// Warps per slot launch_backward_queries() will use, so the caller can size p.partials.
+int backward_query_warps(const WindowGeometry& g, int64_t head_dim, bool with_bias);
+
+// Backward, key side (deterministic, atomic-free): one warp per key voxel sums over the queries
+// whose key box holds it, in a fixed order, and writes p.grad_key/p.grad_value (fp32).
+template <typename T>
+void launch_backward_keys(const AttentionParams<T, float>& p, const float* delta, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace xmorpher_kernels

@@ -1,0 +1,345 @@
+// Tensor-core forward of window cross attention for fp16/bf16 (mma.sync m16n8k16, fp32
+// accumulation), for windows of at most 8 queries (XMorpher's 2 x 2 x 2) and head_dim a
+// multiple of 16 up to 128.
+//
+// Layout of the work:
+//  * A block takes R consecutive windows along x (same b, head, wz, wy) and stages the union of
+//    their key boxes, s_d x s_h x (w_w (R - 1) + s_w) rows of key and value, in shared memory
+//    once: neighbouring boxes overlap, so each key is read from global memory about
+//    s_w / w_w times less often than with one box per window. Padded rows hold pad_key/pad_value
+//    (constant padding) or zeros with a -inf mask (mask padding).
+//  * One warp per window. With 8 queries, the scores are computed transposed, S^T = K Q^T, so
+//    the 16-row side of m16n8k16 is keys and the 8-column side is the window's queries: no
+//    padding of queries to 16. The key box is walked 16 keys at a time with an online softmax
+//    (base-2 exponentials, scale and bias folded in fp32).
+//  * O^T = V^T P^T accumulates with the same instruction: the probability tile (C layout, keys x
+//    queries) becomes the B operand (keys x queries, transposed lane layout) with one movmatrix
+//    per 8 x 8 half, and the V^T operand is read from the staged value rows.
+//  * The output tile is transposed back with movmatrix so each lane stores 2 adjacent elements.
+// All window, key box and bias index arithmetic comes from window_geometry.h.
+#include <cmath>
+
+#include "cuda_common.cuh"
+#include "window_attention_cuda.h"
+
+namespace xmorpher_kernels {
+namespace cuda {
+namespace {
+
+constexpr int kMaxWindowsPerBlock = 8;
+constexpr int kRowPad = 8;  // halves of padding per staged row: conflict-free fragment loads
+constexpr int64_t kSmemBudget = 80 * 1024;
+
+// Shared memory of one block, in the order it is carved.
+struct MmaLayout {
+  int64_t union_x;   // staged x extent: w_w (R - 1) + s_w
+  int64_t rows;      // staged rows: s_d s_h union_x
+  int64_t keys;      // keys per box, rounded up to the 16-key tile
+  int64_t bias;      // bias entries of one head (0 without bias)
+  int64_t kv_bytes, mask_bytes, bias_bytes, table_bytes;
+  int64_t total() const { return kv_bytes + mask_bytes + bias_bytes + table_bytes; }
+};
+
+MmaLayout mma_layout(const WindowGeometry& g, int64_t head_dim, int64_t windows_per_block, bool with_bias) {
+  MmaLayout m;
+  m.union_x = g.window[2] * (windows_per_block - 1) + g.search[2];
+  m.rows = g.search[0] * g.search[1] * m.union_x;
+  m.keys = (g.search[0] * g.search[1] * g.search[2] + 15) / 16 * 16;
+  m.bias = with_bias ? bias_extent(g, 0) * bias_extent(g, 1) * bias_extent(g, 2) : 0;
+  m.kv_bytes = 2 * m.rows * (head_dim + kRowPad) * 2;  // keys then values, 16-bit
+  m.mask_bytes = m.rows * 4;
+  m.bias_bytes = m.bias * 4;
+  m.table_bytes = 2 * m.keys * 4;
+  return m;
+}
+
+template <typename T, int HD>
+__global__ void __launch_bounds__(kMaxWindowsPerBlock * 32, 1)
+    forward_mma_kernel(const AttentionParams<T, float> p, MmaLayout layout, int windows_per_block,
+                       bool vector_loads) {
+  constexpr int kRow = HD + kRowPad;  // staged row length, in elements
+  constexpr int kSteps = HD / 16;     // k-steps of S^T, m-tiles of O^T
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* key_s = reinterpret_cast<T*>(smem_raw);
+  T* value_s = key_s + layout.rows * kRow;
+  float* mask_s = reinterpret_cast<float*>(smem_raw + layout.kv_bytes);  // 0 or -inf per staged row
+  float* bias_s = mask_s + layout.rows;                                   // this head's bias * log2(e)
+  int* key_row_s = reinterpret_cast<int*>(bias_s + layout.bias);          // box key -> staged row (window 0)
+  int* key_bias_s = key_row_s + layout.keys;                              // box key -> bias_key_part
+
+  const WindowGeometry& g = p.geometry;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t nwx = num_windows(g, 2), nwy = num_windows(g, 1), nwz = num_windows(g, 0);
+  const int64_t x_blocks = (nwx + windows_per_block - 1) / windows_per_block;
+  // blockIdx.x = (((b * heads + h) * nwz + wz) * nwy + wy) * x_blocks + xb
+  int64_t rest = blockIdx.x;
+  const int64_t xb = rest % x_blocks; rest /= x_blocks;
+  const int64_t wy = rest % nwy; rest /= nwy;
+  const int64_t wz = rest % nwz; rest /= nwz;
+  const int64_t h = rest % p.heads;
+  const int64_t b = rest / p.heads;
+  const int64_t wx0 = xb * windows_per_block;
+  const bool constant_padding = p.pad_key != nullptr;
+  const int sy = static_cast<int>(g.search[1]), sx = static_cast<int>(g.search[2]);
+  const int union_x = static_cast<int>(layout.union_x);
+  const int box_keys = static_cast<int>(g.search[0]) * sy * sx;
+
+  // ---- Stage the union key box, 8 elements (16 bytes) per step.
+  {
+    const int64_t bz = key_box_start(g, 0, wz), by = key_box_start(g, 1, wy), bx = key_box_start(g, 2, wx0);
+    constexpr int kChunks = HD / 8;
+    const int64_t steps = layout.rows * kChunks;
+    for (int64_t i = threadIdx.x; i < steps; i += blockDim.x) {
+      const int row = static_cast<int>(i / kChunks), chunk = static_cast<int>(i % kChunks);
+      const int ux = row % union_x, uy = (row / union_x) % sy, uz = row / (union_x * sy);
+      const int64_t z = bz + uz, y = by + uy, x = bx + ux;
+      const bool in = inside_volume(g, 0, z) && inside_volume(g, 1, y) && inside_volume(g, 2, x);
+      const T* k_src = nullptr;
+      const T* v_src = nullptr;
+      if (in) {
+        k_src = p.key + p.key_strides.offset(b, z, y, x, h) + chunk * 8;
+        v_src = p.value + p.value_strides.offset(b, z, y, x, h) + chunk * 8;
+      } else if (constant_padding) {
+        k_src = p.pad_key + h * HD + chunk * 8;
+        v_src = p.pad_value + h * HD + chunk * 8;
+      }
+      T* k_dst = key_s + row * kRow + chunk * 8;
+      T* v_dst = value_s + row * kRow + chunk * 8;
+      if (k_src == nullptr) {
+        *reinterpret_cast<uint4*>(k_dst) = make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(v_dst) = make_uint4(0, 0, 0, 0);
+      } else if (vector_loads) {
+        *reinterpret_cast<uint4*>(k_dst) = __ldg(reinterpret_cast<const uint4*>(k_src));
+        *reinterpret_cast<uint4*>(v_dst) = __ldg(reinterpret_cast<const uint4*>(v_src));
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          k_dst[e] = k_src[e];
+          v_dst[e] = v_src[e];
+        }
+      }
+      if (chunk == 0) mask_s[row] = (in || constant_padding) ? 0.f : -INFINITY;
+    }
+    if (p.rel_pos_bias != nullptr) {
+      const T* bias_h = p.rel_pos_bias + h * layout.bias;
+      for (int64_t e = threadIdx.x; e < layout.bias; e += blockDim.x) bias_s[e] = to_float(bias_h[e]) * kLog2e;
+    }
+    // Tail keys of the last 16-key tile point at row 0 (finite data); their scores are -inf.
+    for (int t = threadIdx.x; t < layout.keys; t += blockDim.x) {
+      int row = 0, key_part = 0;
+      if (t < box_keys) {
+        const int tx = t % sx, ty = (t / sx) % sy, tz = t / (sx * sy);
+        row = (tz * sy + ty) * union_x + tx;
+        key_part = static_cast<int>(bias_key_part(g, tz, ty, tx));
+      }
+      key_row_s[t] = row;
+      key_bias_s[t] = key_part;
+    }
+  }
+  __syncthreads();
+
+  const int64_t wx = wx0 + warp;
+  if (wx >= nwx) return;  // no barrier follows
+  const int group = lane >> 2, quad = lane & 3;
+  const int row_offset = warp * static_cast<int>(g.window[2]);  // this window's first staged x
+  const int wd = static_cast<int>(g.window[0]), wh = static_cast<int>(g.window[1]), ww = static_cast<int>(g.window[2]);
+  const int window_queries = wd * wh * ww;
+  const int64_t oz = window_origin(g, 0, wz), oy = window_origin(g, 1, wy), ox = window_origin(g, 2, wx);
+  const int64_t voxels = g.volume[0] * g.volume[1] * g.volume[2];
+
+  // Query slot q (0..7) of the window: its voxel, or -1 for a slot outside the volume or the window.
+  auto query_voxel = [&](int q, int& bias_part) -> int64_t {
+    bias_part = 0;
+    if (q >= window_queries) return -1;
+    const int ax = q % ww, ay = (q / ww) % wh, az = q / (ww * wh);
+    bias_part = static_cast<int>(bias_query_part(g, az, ay, ax));
+    const int64_t z = oz + az, y = oy + ay, x = ox + ax;
+    if (!(inside_volume(g, 0, z) && inside_volume(g, 1, y) && inside_volume(g, 2, x))) return -1;
+    return (z * g.volume[1] + y) * g.volume[2] + x;
+  };
+
+  // B operand Q^T (k = head dim, n = query): lane holds query `group`, dims 2*quad.. and +8.
+  uint32_t q_frag[kSteps][2];
+  {
+    int unused;
+    const int64_t voxel = query_voxel(group, unused);
+    const uint16_t* q_row = nullptr;
+    if (voxel >= 0) {
+      const int64_t z = voxel / (g.volume[1] * g.volume[2]), y = (voxel / g.volume[2]) % g.volume[1],
+                    x = voxel % g.volume[2];
+      q_row = reinterpret_cast<const uint16_t*>(p.query + p.query_strides.offset(b, z, y, x, h));
+    }
+#pragma unroll
+    for (int ks = 0; ks < kSteps; ++ks) {
+      const int d = ks * 16 + 2 * quad;
+      q_frag[ks][0] = q_row ? pack_bits(q_row[d], q_row[d + 1]) : 0u;
+      q_frag[ks][1] = q_row ? pack_bits(q_row[d + 8], q_row[d + 9]) : 0u;
+    }
+  }
+  // This lane's score columns are queries 2*quad and 2*quad + 1.
+  int query_bias[2];
+  int64_t query_pos[2];
+  query_pos[0] = query_voxel(2 * quad, query_bias[0]);
+  query_pos[1] = query_voxel(2 * quad + 1, query_bias[1]);
+
+  const float scale_log2 = p.scale * kLog2e;
+  const bool with_bias = p.rel_pos_bias != nullptr;
+  const uint16_t* value_bits = reinterpret_cast<const uint16_t*>(value_s);
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  float o[kSteps][4];
+#pragma unroll
+  for (int mt = 0; mt < kSteps; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
+
+  const int tiles = static_cast<int>(layout.keys / 16);
+  for (int tile = 0; tile < tiles; ++tile) {
+    // S^T tile: rows = keys tile*16 + group (+8), columns = queries 2*quad (+1).
+    const int key0 = tile * 16 + group, key1 = key0 + 8;
+    const int row0 = key_row_s[key0] + row_offset, row1 = key_row_s[key1] + row_offset;
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int ks = 0; ks < kSteps; ++ks) {
+      const int d = ks * 16 + 2 * quad;
+      const uint32_t a[4] = {
+          *reinterpret_cast<const uint32_t*>(key_s + row0 * kRow + d),
+          *reinterpret_cast<const uint32_t*>(key_s + row1 * kRow + d),
+          *reinterpret_cast<const uint32_t*>(key_s + row0 * kRow + d + 8),
+          *reinterpret_cast<const uint32_t*>(key_s + row1 * kRow + d + 8),
+      };
+      Mma<T>::run(s, a, q_frag[ks][0], q_frag[ks][1]);
+    }
+    // Scores in base 2: scale * log2(e) * <q, k> + log2(e) * bias, -inf for masked/tail keys.
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = e < 2 ? key0 : key1;
+      const int row = e < 2 ? row0 : row1;
+      float v = s[e] * scale_log2 + mask_s[row];
+      if (with_bias) v += bias_s[key_bias_s[key] - query_bias[e & 1]];
+      s[e] = key < box_keys ? v : -INFINITY;
+    }
+    float scale_old[2], prob[4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      float tile_max = fmaxf(s[j], s[j + 2]);
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, 4));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, 8));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, 16));
+      const float new_max = fmaxf(row_max[j], tile_max);
+      const float base = new_max == -INFINITY ? 0.f : new_max;  // all keys so far masked
+      scale_old[j] = exp2f(row_max[j] - base);
+      prob[j] = exp2f(s[j] - base);
+      prob[j + 2] = exp2f(s[j + 2] - base);
+      row_sum[j] = row_sum[j] * scale_old[j] + prob[j] + prob[j + 2];  // this lane's keys only
+      row_max[j] = new_max;
+    }
+#pragma unroll
+    for (int mt = 0; mt < kSteps; ++mt) {
+      o[mt][0] *= scale_old[0];
+      o[mt][1] *= scale_old[1];
+      o[mt][2] *= scale_old[0];
+      o[mt][3] *= scale_old[1];
+    }
+    // P^T as the B operand (k = keys, n = queries): transpose the two 8 x 8 halves.
+    const uint32_t p_lo = transpose_8x8(pack2<T>(prob[0], prob[1]));  // keys 2*quad.., query group
+    const uint32_t p_hi = transpose_8x8(pack2<T>(prob[2], prob[3]));  // keys 8 + 2*quad..
+    // V^T as the A operand (m = head dim, k = keys): keys tile*16 + 2*quad + {0, 1, 8, 9}.
+    const int key_b = tile * 16 + 2 * quad;
+    const int vrow0 = (key_row_s[key_b] + row_offset) * kRow, vrow1 = (key_row_s[key_b + 1] + row_offset) * kRow;
+    const int vrow2 = (key_row_s[key_b + 8] + row_offset) * kRow, vrow3 = (key_row_s[key_b + 9] + row_offset) * kRow;
+#pragma unroll
+    for (int mt = 0; mt < kSteps; ++mt) {
+      const int d = mt * 16 + group;
+      const uint32_t a[4] = {
+          pack_bits(value_bits[vrow0 + d], value_bits[vrow1 + d]),
+          pack_bits(value_bits[vrow0 + d + 8], value_bits[vrow1 + d + 8]),
+          pack_bits(value_bits[vrow2 + d], value_bits[vrow3 + d]),
+          pack_bits(value_bits[vrow2 + d + 8], value_bits[vrow3 + d + 8]),
+      };
+      Mma<T>::run(o[mt], a, p_lo, p_hi);
+    }
+  }
+
+  // Each query's sum over the 8 lanes that share its column.
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    row_sum[j] += __shfl_xor_sync(kFullMask, row_sum[j], 4);
+    row_sum[j] += __shfl_xor_sync(kFullMask, row_sum[j], 8);
+    row_sum[j] += __shfl_xor_sync(kFullMask, row_sum[j], 16);
+  }
+  const float inv0 = 1.f / row_sum[0], inv1 = 1.f / row_sum[1];
+  // O^T tile (d = group (+8), queries 2*quad..) -> transposed: query `group`, d = 2*quad...
+  int unused;
+  const int64_t out_voxel = query_voxel(group, unused);
+  T* out_row = out_voxel >= 0 ? p.out + ((b * voxels + out_voxel) * p.heads + h) * HD : nullptr;
+#pragma unroll
+  for (int mt = 0; mt < kSteps; ++mt) {
+    const uint32_t lo = transpose_8x8(pack2<T>(o[mt][0] * inv0, o[mt][1] * inv1));
+    const uint32_t hi = transpose_8x8(pack2<T>(o[mt][2] * inv0, o[mt][3] * inv1));
+    if (out_row != nullptr) {
+      *reinterpret_cast<uint32_t*>(out_row + mt * 16 + 2 * quad) = lo;
+      *reinterpret_cast<uint32_t*>(out_row + mt * 16 + 8 + 2 * quad) = hi;
+    }
+  }
+  if (group == 0) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      if (query_pos[j] >= 0)
+        p.lse[(b * p.heads + h) * voxels + query_pos[j]] = (row_max[j] + log2f(row_sum[j])) * kLn2;
+  }
+}
+
+template <typename T, int HD>
+void launch(const AttentionParams<T, float>& p, const MmaLayout& layout, int windows_per_block, bool vector_loads,
+            int64_t blocks, cudaStream_t stream) {
+  const int64_t smem = layout.total();
+  if (smem > 48 * 1024) {
+    XK_CHECK_CUDA(cudaFuncSetAttribute(forward_mma_kernel<T, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(smem)),
+                  "forward_mma_kernel: requesting shared memory for the staged key box");
+  }
+  forward_mma_kernel<T, HD><<<static_cast<unsigned>(blocks), windows_per_block * 32, static_cast<size_t>(smem), stream>>>(
+      p, layout, windows_per_block, vector_loads);
+  XK_CHECK_LAUNCH("forward_mma_kernel");
+}
+
+}  // namespace
+
+template <typename T>
+bool launch_forward_mma(const AttentionParams<T, float>& p, bool vector_loads, cudaStream_t stream) {
+  const WindowGeometry& g = p.geometry;
+  if (g.window[0] * g.window[1] * g.window[2] > 8 || p.head_dim % 16 != 0 || p.head_dim > kMaxHeadDim) return false;
+  if (g.search[0] * g.search[1] * g.search[2] >= (int64_t{1} << 20)) return false;  // 32-bit row indices
+  int device = 0, optin_smem = 0;
+  XK_CHECK_CUDA(cudaGetDevice(&device), "cudaGetDevice");
+  XK_CHECK_CUDA(cudaDeviceGetAttribute(&optin_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  const bool with_bias = p.rel_pos_bias != nullptr;
+  const int64_t nwx = num_windows(g, 2);
+  // The most windows per block (a power of two, not more than there are along x) whose staged
+  // box fits the budget; one window per block may use all the shared memory there is.
+  int windows_per_block = 1;
+  while (windows_per_block < kMaxWindowsPerBlock && 2 * windows_per_block <= nwx &&
+         mma_layout(g, p.head_dim, 2 * windows_per_block, with_bias).total() <= kSmemBudget)
+    windows_per_block *= 2;
+  const MmaLayout layout = mma_layout(g, p.head_dim, windows_per_block, with_bias);
+  if (layout.total() > optin_smem) return false;
+  const int64_t blocks = p.batch * p.heads * num_windows(g, 0) * num_windows(g, 1) *
+                         ((nwx + windows_per_block - 1) / windows_per_block);
+  if (blocks > INT32_MAX) return false;
+  switch (p.head_dim) {
+    case 16: launch<T, 16>(p, layout, windows_per_block, vector_loads, blocks, stream); break;
+    case 32: launch<T, 32>(p, layout, windows_per_block, vector_loads, blocks, stream); break;
+    case 48: launch<T, 48>(p, layout, windows_per_block, vector_loads, blocks, stream); break;
+    case 64: launch<T, 64>(p, layout, windows_per_block, vector_loads, blocks, stream); break;
+    case 80: launch<T, 80>(p, layout, windows_per_block, vector_loads, blocks, stream); break;
+    case 96: launch<T, 96>(p, layout, windows_per_block, vector_loads, blocks, stream); break;
+    case 112: launch<T, 112>(p, layout, windows_per_block, vector_loads, blocks, stream); break;
+    default: launch<T, 128>(p, layout, windows_per_block, vector_loads, blocks, stream); break;
+  }
+  return true;
+}
+
+template bool launch_forward_mma<__half>(const AttentionParams<__half, float>&, bool, cudaStream_t);
+template bool launch_forward_mma<__nv_bfloat16>(const AttentionParams<__nv_bfloat16, float>&, bool, cudaStream_t);
+
+}  // namespace cuda
+}  // namespace xmorpher_kernels
