@@ -237,27 +237,28 @@ void load_group(const scalar_t* src, const TokenStrides& strides, const Attentio
   }
 }
 
+// Independent accumulators per micro-kernel step: enough chains of FMAs to cover their latency.
+constexpr int64_t kUnroll = 8;
+
 // out[j] = sum_d lanes[d] * rows[j][d] for every key j: a dot product of each row with every
-// query lane (scores = Q K^T, dP = dO V^T). Four rows at a time for instruction-level parallelism.
+// query lane (scores = Q K^T, dP = dO V^T), kUnroll rows at a time.
 template <typename acc_t>
 XK_ALWAYS_INLINE void lanes_dot_rows(const acc_t* __restrict lanes, const acc_t* const* rows, int64_t num_rows,
                                      int64_t hd, acc_t* __restrict out) {
   using vec = lanes_t<acc_t>;
   int64_t j = 0;
-  for (; j + 4 <= num_rows; j += 4) {
-    const acc_t *r0 = rows[j], *r1 = rows[j + 1], *r2 = rows[j + 2], *r3 = rows[j + 3];
-    vec s0 = splat<acc_t>(0), s1 = s0, s2 = s0, s3 = s0;
+  for (; j + kUnroll <= num_rows; j += kUnroll) {
+    const acc_t* r[kUnroll];
+    vec s[kUnroll];
+    for (int64_t u = 0; u < kUnroll; ++u) {
+      r[u] = rows[j + u];
+      s[u] = splat<acc_t>(0);
+    }
     for (int64_t d = 0; d < hd; ++d) {
       const vec q = load_lanes(lanes + d * kLanes);
-      s0 += q * r0[d];
-      s1 += q * r1[d];
-      s2 += q * r2[d];
-      s3 += q * r3[d];
+      for (int64_t u = 0; u < kUnroll; ++u) s[u] += q * r[u][d];
     }
-    store_lanes(out + j * kLanes, s0);
-    store_lanes(out + (j + 1) * kLanes, s1);
-    store_lanes(out + (j + 2) * kLanes, s2);
-    store_lanes(out + (j + 3) * kLanes, s3);
+    for (int64_t u = 0; u < kUnroll; ++u) store_lanes(out + (j + u) * kLanes, s[u]);
   }
   for (; j < num_rows; ++j) {
     const acc_t* r = rows[j];
@@ -268,26 +269,21 @@ XK_ALWAYS_INLINE void lanes_dot_rows(const acc_t* __restrict lanes, const acc_t*
 }
 
 // out[d] = sum_j weights[j] * rows[j][d] for every channel d: the rows weighted by each query
-// lane (output = P V, dQ = dS K). Four channels at a time.
+// lane (output = P V, dQ = dS K), kUnroll channels at a time.
 template <typename acc_t>
 XK_ALWAYS_INLINE void rows_weighted_by_lanes(const acc_t* __restrict weights, const acc_t* const* rows,
                                              int64_t num_rows, int64_t hd, acc_t* __restrict out) {
   using vec = lanes_t<acc_t>;
   int64_t d = 0;
-  for (; d + 4 <= hd; d += 4) {
-    vec a0 = splat<acc_t>(0), a1 = a0, a2 = a0, a3 = a0;
+  for (; d + kUnroll <= hd; d += kUnroll) {
+    vec a[kUnroll];
+    for (int64_t u = 0; u < kUnroll; ++u) a[u] = splat<acc_t>(0);
     for (int64_t j = 0; j < num_rows; ++j) {
       const vec w = load_lanes(weights + j * kLanes);
       const acc_t* r = rows[j] + d;
-      a0 += w * r[0];
-      a1 += w * r[1];
-      a2 += w * r[2];
-      a3 += w * r[3];
+      for (int64_t u = 0; u < kUnroll; ++u) a[u] += w * r[u];
     }
-    store_lanes(out + d * kLanes, a0);
-    store_lanes(out + (d + 1) * kLanes, a1);
-    store_lanes(out + (d + 2) * kLanes, a2);
-    store_lanes(out + (d + 3) * kLanes, a3);
+    for (int64_t u = 0; u < kUnroll; ++u) store_lanes(out + (d + u) * kLanes, a[u]);
   }
   for (; d < hd; ++d) {
     vec a = splat<acc_t>(0);
