@@ -1,0 +1,221 @@
+"""Tests of xmorpher.framework: warping, velocity integration, losses and metrics, on volumes with
+known answers."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xmorpher import (
+    diffusion_loss,
+    dice_loss,
+    dice_per_label,
+    hd95,
+    hd95_per_label,
+    identity_grid,
+    integrate_velocity,
+    jacobian_determinant,
+    mse_loss,
+    ncc_loss,
+    percent_nonpositive_jacobian,
+    std_log_jacobian,
+    std_log_jacobian_learn2reg_plus3,
+    warp,
+    warp_labels,
+)
+
+SIZE = (9, 7, 11)
+
+
+@pytest.mark.parametrize("mode", ["linear", "nearest"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_zero_flow_is_exactly_the_identity(mode, padding_mode, generator):
+    volume = torch.randn(2, 3, *SIZE, generator=generator)
+    out = warp(volume, torch.zeros(2, 3, *SIZE), mode=mode, padding_mode=padding_mode)
+    assert torch.equal(out, volume)
+
+
+def test_integer_translation_is_reproduced(generator):
+    volume = torch.randn(2, 1, *SIZE, generator=generator)
+    shift = (1, -2, 3)
+    flow = torch.tensor(shift, dtype=torch.float32).view(1, 3, 1, 1, 1).expand(2, 3, *SIZE)
+    out = warp(volume, flow)
+    expected = torch.zeros_like(volume)
+    # out[p] = volume[p + shift] where p + shift is inside, zero elsewhere.
+    dst = tuple(slice(max(0, -s), n - max(0, s)) for s, n in zip(shift, SIZE))
+    src = tuple(slice(max(0, s), n - max(0, -s)) for s, n in zip(shift, SIZE))
+    expected[(..., *dst)] = volume[(..., *src)]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_matches_grid_sample_align_corners_true(generator):
+    volume = torch.randn(2, 2, *SIZE, generator=generator, dtype=torch.float64)
+    flow = 2.5 * torch.randn(2, 3, *SIZE, generator=generator, dtype=torch.float64)
+    coords = identity_grid(SIZE, dtype=torch.float64) + flow
+    sizes = torch.tensor(SIZE, dtype=torch.float64).view(1, 3, 1, 1, 1)
+    normalised = 2 * coords / (sizes - 1) - 1
+    grid = normalised.flip(1).permute(0, 2, 3, 4, 1)  # grid_sample wants (x, y, z) = (W, H, D)
+    for padding_mode in ("zeros", "border"):
+        expected = F.grid_sample(volume, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+        torch.testing.assert_close(warp(volume, flow, padding_mode=padding_mode), expected)
+    expected = F.grid_sample(volume, grid, mode="nearest", align_corners=True)
+    # Ties at exactly .5 may round differently; random flows never hit them.
+    torch.testing.assert_close(warp(volume, flow, mode="nearest"), expected)
+
+
+def test_warp_gradients_match_finite_differences(generator):
+    volume = torch.randn(1, 2, 4, 5, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    # Keep sample points off integer coordinates, where trilinear interpolation has kinks.
+    flow = (0.3 + 0.4 * torch.rand(1, 3, 4, 5, 3, generator=generator, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda v, f: warp(v, f), (volume, flow))
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_label_warping(mode, generator):
+    labels = torch.randint(0, 4, (2, 1, *SIZE), generator=generator)
+    assert torch.equal(warp_labels(labels, torch.zeros(2, 3, *SIZE), mode=mode), labels)
+    flow = torch.zeros(2, 3, *SIZE)
+    flow[:, 2] = 2.0
+    out = warp_labels(labels, flow, mode=mode, num_labels=4)
+    assert out.dtype == labels.dtype
+    assert torch.equal(out[..., :-2], labels[..., 2:])
+    assert torch.equal(out[..., -2:], torch.zeros_like(out[..., -2:]))  # outside: background
+
+
+def test_scaling_and_squaring_of_a_small_smooth_field():
+    grid = identity_grid((24, 24, 24), dtype=torch.float64)
+    velocity = 0.3 * torch.sin(2 * torch.pi * grid / 24).roll(1, dims=1)  # smooth, |v| <= 0.3 voxel
+    flow = integrate_velocity(velocity, steps=7)
+    # exp(v) = v + O(|v| |grad v|); here |v| |grad v| <= 0.3 * 0.3 * 2 pi / 24 ~ 0.024.
+    assert (flow - velocity).abs().max() < 0.03
+    assert (flow - velocity).abs().max() > 0  # the squaring did something
+    constant = torch.full((1, 3, 8, 8, 8), 0.7, dtype=torch.float64)
+    torch.testing.assert_close(integrate_velocity(constant, 7), constant)  # exp of a translation
+
+
+def test_scaling_and_squaring_gives_an_invertible_map_where_the_velocity_folds():
+    # A velocity that, used directly as a displacement, folds; its exponential does not.
+    grid = identity_grid((16, 16, 16), dtype=torch.float64)
+    velocity = torch.zeros_like(grid)
+    velocity[:, 2] = 4.0 * torch.sin(2 * torch.pi * grid[:, 2] / 16)
+    assert percent_nonpositive_jacobian(velocity).item() > 0
+    assert percent_nonpositive_jacobian(integrate_velocity(velocity, 7)).item() == 0
+
+
+def test_jacobian_of_identity_and_of_a_fold():
+    zero = torch.zeros(1, 3, *SIZE, dtype=torch.float64)
+    assert torch.equal(jacobian_determinant(zero), torch.ones(1, *SIZE, dtype=torch.float64))
+    assert percent_nonpositive_jacobian(zero).item() == 0
+    assert std_log_jacobian(zero).item() == 0
+    # A linear field u = A x has Jacobian I + A everywhere (central and one-sided differences are exact).
+    a = torch.tensor([[0.1, 0.2, 0.0], [0.0, -0.3, 0.1], [0.05, 0.0, 0.2]], dtype=torch.float64)
+    linear = torch.einsum("ij,bjdhw->bidhw", a, identity_grid(SIZE, dtype=torch.float64))
+    torch.testing.assert_close(jacobian_determinant(linear), torch.full((1, *SIZE), torch.det(torch.eye(3) + a).item(), dtype=torch.float64))
+    # Fold: reverse the D axis over the middle slab, u_d = -2 (d - c) there.
+    fold = zero.clone()
+    d = torch.arange(SIZE[0], dtype=torch.float64)
+    fold[:, 0] = (-2 * (d - 4)).clamp(-2, 2).view(-1, 1, 1)
+    det = jacobian_determinant(fold)
+    assert (det[0, 4] < 0).all() and (det[0, 0] > 0).all()
+    assert 0 < percent_nonpositive_jacobian(fold).item() < 100
+    assert torch.isfinite(std_log_jacobian_learn2reg_plus3(fold)).all()
+
+
+def test_log_jacobian_std_forms():
+    flow = torch.zeros(1, 3, 6, 6, 6, dtype=torch.float64)
+    flow[:, 0] = 0.25 * torch.arange(6, dtype=torch.float64).view(-1, 1, 1) ** 2 / 5
+    det = jacobian_determinant(flow)
+    assert std_log_jacobian(flow).item() == pytest.approx(det.log().std().item())
+    assert std_log_jacobian_learn2reg_plus3(flow).item() == pytest.approx((det + 3).log().std().item())
+
+
+def test_dice_on_hand_made_masks():
+    target = torch.zeros(1, 1, 10, 10, 10, dtype=torch.long)
+    prediction = torch.zeros_like(target)
+    target[..., 2:6, 2:6, 2:6] = 1  # 64 voxels
+    prediction[..., 4:8, 2:6, 2:6] = 1  # 64 voxels, 32 shared
+    target[..., 8:, 8:, 8:] = 2
+    prediction[..., 8:, 8:, 8:] = 2  # identical
+    target[..., 0, 0, 0] = 3  # missing from the prediction
+    dice = dice_per_label(prediction, target)
+    torch.testing.assert_close(dice, torch.tensor([[0.5, 1.0, 0.0]], dtype=torch.float64))
+    assert torch.isnan(dice_per_label(prediction, target, labels=[5])).all()
+
+
+def test_hd95_on_hand_made_masks():
+    a = np.zeros((12, 6, 6), bool)
+    b = np.zeros_like(a)
+    a[0:2] = True  # slab z in {0, 1}: every voxel is on the surface
+    b[5:7] = True  # slab z in {5, 6}: distances 4 and 5, half each -> 95th percentile 5
+    assert hd95(a, b) == pytest.approx(5.0)
+    assert hd95(a, b, spacing=(2.0, 1.0, 1.0)) == pytest.approx(10.0)
+    assert hd95(a, a) == 0.0
+    p, q = np.zeros((8, 8, 8), bool), np.zeros((8, 8, 8), bool)
+    p[1, 1, 1], q[4, 5, 1] = True, True
+    assert hd95(p, q) == pytest.approx(5.0)  # 3-4-5 triangle
+    assert np.isnan(hd95(p, np.zeros_like(q)))
+
+
+def test_hd95_matches_brute_force_surface_distances(generator):
+    a = torch.rand(10, 9, 8, generator=generator) > 0.6
+    b = torch.rand(10, 9, 8, generator=generator) > 0.6
+
+    def surface_points(mask):
+        padded = F.pad(mask.float()[None, None], (1, 1, 1, 1, 1, 1))
+        # A voxel is interior when all 6 face neighbours are inside.
+        neighbours = sum(padded.roll(s, d) for d in (2, 3, 4) for s in (1, -1))[0, 0, 1:-1, 1:-1, 1:-1]
+        return torch.nonzero(mask & (neighbours < 6)).double()
+
+    pa, pb = surface_points(a), surface_points(b)
+    distances = torch.cdist(pa, pb)
+    expected = max(np.percentile(distances.min(1).values.numpy(), 95), np.percentile(distances.min(0).values.numpy(), 95))
+    assert hd95(a, b) == pytest.approx(expected)
+    labels_a, labels_b = a.long()[None, None], b.long()[None, None]
+    torch.testing.assert_close(hd95_per_label(labels_a, labels_b), torch.tensor([[expected]], dtype=torch.float64))
+
+
+def test_ncc_matches_a_direct_box_filter(generator):
+    fixed = torch.rand(2, 1, 11, 10, 12, generator=generator, dtype=torch.float64)
+    warped = torch.rand(2, 1, 11, 10, 12, generator=generator, dtype=torch.float64)
+    ones = torch.ones(1, 1, 9, 9, 9, dtype=torch.float64)
+    s = [F.conv3d(x, ones, padding=4) for x in (fixed, warped, fixed * fixed, warped * warped, fixed * warped)]
+    n = 9**3
+    mu_f, mu_w = s[0] / n, s[1] / n
+    cross = s[4] - mu_w * s[0] - mu_f * s[1] + mu_f * mu_w * n
+    var_f = s[2] - 2 * mu_f * s[0] + mu_f * mu_f * n
+    var_w = s[3] - 2 * mu_w * s[1] + mu_w * mu_w * n
+    expected = -(cross * cross / (var_f * var_w + 1e-5)).mean()
+    torch.testing.assert_close(ncc_loss(fixed, warped), expected)
+    # Perfect correlation scores -1 up to eps (a pure scaling, which the zero padding respects).
+    assert ncc_loss(fixed, 3 * fixed).item() == pytest.approx(-1.0, abs=1e-3)
+    assert ncc_loss(fixed, warped).item() > -0.5
+
+
+def test_mse_diffusion_and_dice_losses():
+    a = torch.zeros(1, 1, 4, 4, 4)
+    assert mse_loss(a, a + 2).item() == pytest.approx(4.0)
+    flow = torch.zeros(1, 3, 5, 6, 7)
+    flow[:, 1] = 0.5 * torch.arange(5.0).view(-1, 1, 1)  # differences 0.5, one channel of 3, one axis of 3
+    assert diffusion_loss(flow).item() == pytest.approx(0.25 / 9)
+    assert diffusion_loss(torch.zeros(1, 3, 5, 6, 7)).item() == 0
+    one_hot = F.one_hot(torch.arange(2).repeat_interleave(32).view(1, 4, 4, 4), 2).permute(0, 4, 1, 2, 3).float()
+    assert dice_loss(one_hot, one_hot).item() == pytest.approx(0.0, abs=1e-6)
+    assert dice_loss(one_hot, one_hot.flip(1)).item() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: warp(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 2, 4, 4, 4)),
+        lambda: warp(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 3, 4, 4, 4), mode="cubic"),
+        lambda: ncc_loss(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4), window=8),
+        lambda: integrate_velocity(torch.zeros(1, 3, 4, 4, 4), steps=-1),
+    ],
+)
+def test_bad_arguments_raise(call):
+    with pytest.raises(ValueError):
+        call()

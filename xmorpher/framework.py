@@ -1,0 +1,374 @@
+"""Registration framework around the networks: warping, velocity integration, losses and metrics.
+
+Conventions, shared by every function here and by the models in this package:
+
+* Volumes are ``(B, C, D, H, W)``.
+* A displacement field ``u`` is ``(B, 3, D, H, W)`` in voxels; channel ``i`` moves along spatial
+  axis ``i`` (D, H, W order). Warping samples the moving volume at ``p + u(p)`` for every fixed
+  voxel ``p``, voxel centres at integer coordinates (the ``align_corners=True`` convention).
+* Losses are torch functions (differentiable, any device); metrics that need distance transforms
+  (HD95) run on the CPU with scipy.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import ndimage
+
+__all__ = [
+    "identity_grid",
+    "warp",
+    "warp_labels",
+    "SpatialTransformer",
+    "integrate_velocity",
+    "ncc_loss",
+    "mse_loss",
+    "diffusion_loss",
+    "dice_loss",
+    "dice_per_label",
+    "hd95",
+    "hd95_per_label",
+    "jacobian_determinant",
+    "percent_nonpositive_jacobian",
+    "std_log_jacobian",
+    "std_log_jacobian_learn2reg_plus3",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Spatial transformer
+# ----------------------------------------------------------------------------------------------
+
+
+def identity_grid(
+    size: Sequence[int], *, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Voxel coordinates of a ``size`` = (D, H, W) grid: ``(1, 3, D, H, W)``, channel i = index on axis i."""
+    axes = [torch.arange(n, device=device, dtype=dtype) for n in size]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
+
+
+def _check_flow(volume: torch.Tensor, flow: torch.Tensor) -> None:
+    if volume.dim() != 5 or flow.dim() != 5 or flow.shape[1] != 3:
+        raise ValueError(
+            f"expected volume (B, C, D, H, W) and flow (B, 3, D', H', W'), got {tuple(volume.shape)} "
+            f"and {tuple(flow.shape)}"
+        )
+    if flow.shape[0] != volume.shape[0]:
+        raise ValueError(f"volume and flow batch sizes differ: {volume.shape[0]} vs {flow.shape[0]}")
+
+
+def _sample(volume: torch.Tensor, coords: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """Sample ``volume`` (B, C, D, H, W) at voxel coordinates ``coords`` (B, 3, D', H', W').
+
+    Written with gathers instead of ``F.grid_sample`` because grid_sample's normalised
+    coordinates do not round-trip exactly to voxel indices in floating point, so a zero flow
+    would not return the input bit for bit. Here a zero flow gives integer coordinates, a zero
+    fractional part, and weights of exactly 1 and 0.
+    """
+    batch, channels = volume.shape[:2]
+    sizes = volume.shape[2:]
+    out_shape = coords.shape[2:]
+    flat = volume.reshape(batch, channels, -1)
+    if padding_mode == "border":
+        coords = torch.stack([coords[:, a].clamp(0, n - 1) for a, n in enumerate(sizes)], dim=1)
+
+    def gather(index: torch.Tensor) -> torch.Tensor:
+        index = index.reshape(batch, 1, -1).expand(batch, channels, -1)
+        return torch.gather(flat, 2, index).reshape(batch, channels, *out_shape)
+
+    if mode == "nearest":
+        nearest = coords.round().long()
+        index = torch.zeros_like(nearest[:, 0])
+        inside = torch.ones_like(nearest[:, 0], dtype=torch.bool)
+        for axis, n in enumerate(sizes):
+            inside &= (nearest[:, axis] >= 0) & (nearest[:, axis] < n)
+            index = index * n + nearest[:, axis].clamp(0, n - 1)
+        return gather(index) * inside[:, None].to(volume.dtype)
+
+    lower = coords.floor()
+    fraction = coords - lower  # carries the gradient with respect to the flow
+    lower = lower.long()
+    out = torch.zeros((), dtype=volume.dtype, device=volume.device)
+    for corner in itertools.product((0, 1), repeat=3):
+        weight = torch.ones_like(fraction[:, 0])
+        index = torch.zeros_like(lower[:, 0])
+        for axis, (n, step) in enumerate(zip(sizes, corner)):
+            position = lower[:, axis] + step
+            axis_weight = fraction[:, axis] if step else 1 - fraction[:, axis]
+            # Corners outside the volume contribute zero (padding "zeros"; with "border" they only
+            # occur with zero weight, at the last voxel).
+            weight = weight * axis_weight * ((position >= 0) & (position < n)).to(weight.dtype)
+            index = index * n + position.clamp(0, n - 1)
+        out = out + weight[:, None] * gather(index)
+    return out
+
+
+def warp(
+    volume: torch.Tensor, flow: torch.Tensor, *, mode: str = "linear", padding_mode: str = "zeros"
+) -> torch.Tensor:
+    """Warp ``volume`` (B, C, D, H, W) by the displacement ``flow`` (B, 3, D, H, W) in voxels.
+
+    ``out[p] = volume[p + flow[p]]`` with trilinear (``mode="linear"``) or nearest-neighbour
+    (``mode="nearest"``) interpolation, voxel centres at integer coordinates (as
+    ``grid_sample(align_corners=True)``). Outside the volume: zeros (``padding_mode="zeros"``) or
+    the nearest border voxel (``"border"``). A zero flow returns ``volume`` exactly.
+    Differentiable with respect to both inputs in linear mode.
+    """
+    _check_flow(volume, flow)
+    if mode not in ("linear", "nearest"):
+        raise ValueError(f"mode must be 'linear' or 'nearest', got {mode!r}")
+    if padding_mode not in ("zeros", "border"):
+        raise ValueError(f"padding_mode must be 'zeros' or 'border', got {padding_mode!r}")
+    coords = identity_grid(flow.shape[2:], device=flow.device, dtype=flow.dtype) + flow
+    return _sample(volume, coords, mode, padding_mode)
+
+
+def warp_labels(labels: torch.Tensor, flow: torch.Tensor, *, mode: str = "nearest", num_labels: Optional[int] = None) -> torch.Tensor:
+    """Warp an integer label map (B, 1, D, H, W) by ``flow``; returns labels of the same dtype.
+
+    ``mode="nearest"`` takes the nearest voxel's label; ``mode="linear"`` warps the one-hot maps
+    trilinearly and takes the arg-max (smoother boundaries); ``num_labels`` defaults to
+    ``labels.max() + 1``. Voxels mapped outside the volume get label 0.
+    """
+    if labels.dim() != 5 or labels.shape[1] != 1:
+        raise ValueError(f"expected labels (B, 1, D, H, W), got {tuple(labels.shape)}")
+    if mode == "nearest":
+        return warp(labels.to(flow.dtype), flow, mode="nearest").round().to(labels.dtype)
+    if mode != "linear":
+        raise ValueError(f"mode must be 'nearest' or 'linear', got {mode!r}")
+    count = int(labels.max()) + 1 if num_labels is None else num_labels
+    one_hot = F.one_hot(labels[:, 0].long(), count).permute(0, 4, 1, 2, 3).to(flow.dtype)
+    warped = warp(one_hot, flow, mode="linear")
+    # Outside the volume every channel is 0; the background channel must win there.
+    warped[:, 0] += (warped.sum(1) == 0).to(warped.dtype)
+    return warped.argmax(1, keepdim=True).to(labels.dtype)
+
+
+class SpatialTransformer(nn.Module):
+    """Module form of :func:`warp` (no parameters), for use inside registration pipelines."""
+
+    def __init__(self, mode: str = "linear", padding_mode: str = "zeros") -> None:
+        super().__init__()
+        self.mode = mode
+        self.padding_mode = padding_mode
+
+    def forward(self, volume: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        return warp(volume, flow, mode=self.mode, padding_mode=self.padding_mode)
+
+
+def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Scaling and squaring: the displacement of ``exp(velocity)`` for a stationary velocity field.
+
+    ``u = v / 2**steps``, then ``steps`` times ``u <- u + u o (id + u)``. Compositions sample with
+    ``padding_mode="border"`` so that the field is extrapolated, not pulled to zero, at the edges.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    flow = velocity / (2**steps)
+    for _ in range(steps):
+        flow = flow + warp(flow, flow, padding_mode="border")
+    return flow
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+
+
+def _box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Sum over a centred ``window``^3 box, zero padded, as three 1D convolutions (separable)."""
+    channels = x.shape[1]
+    out = x
+    for axis in range(3):
+        shape = [1, 1, 1]
+        shape[axis] = window
+        kernel = x.new_ones((channels, 1, *shape))
+        padding = [0, 0, 0]
+        padding[axis] = window // 2
+        out = F.conv3d(out, kernel, padding=padding, groups=channels)
+    return out
+
+
+def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
+    """Negative local normalised cross-correlation (VoxelMorph's NCC), a scalar in [-1, 0].
+
+    Squared correlation coefficient of the two volumes over every ``window``^3 neighbourhood
+    (zero padded at the borders), averaged over voxels, channels and batch, negated so that lower
+    is better. ``window`` must be odd.
+    """
+    if fixed.shape != warped.shape or fixed.dim() != 5:
+        raise ValueError(f"expected two (B, C, D, H, W) volumes of one shape, got {tuple(fixed.shape)} and {tuple(warped.shape)}")
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be odd and positive, got {window}")
+    # One grouped convolution pass over the five moments.
+    moments = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
+    sums = _box_sum(moments, window)
+    s_f, s_w, s_ff, s_ww, s_fw = sums.chunk(5, dim=1)
+    count = float(window**3)
+    cross = s_fw - s_f * s_w / count
+    var_f = s_ff - s_f * s_f / count
+    var_w = s_ww - s_w * s_w / count
+    return -(cross * cross / (var_f * var_w + eps)).mean()
+
+
+def mse_loss(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+    """Mean squared intensity difference."""
+    return F.mse_loss(warped, fixed)
+
+
+def diffusion_loss(flow: torch.Tensor) -> torch.Tensor:
+    """Diffusion regulariser: mean squared forward difference of the field, averaged over the 3 axes."""
+    if flow.dim() != 5:
+        raise ValueError(f"expected a (B, 3, D, H, W) field, got {tuple(flow.shape)}")
+    terms = [torch.diff(flow, dim=axis).pow(2).mean() for axis in (2, 3, 4) if flow.shape[axis] > 1]
+    return torch.stack(terms).mean() if terms else flow.sum() * 0
+
+
+def dice_loss(prediction: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Soft Dice loss ``1 - mean Dice`` over batch and channels of (B, L, D, H, W) maps.
+
+    Both are per-label probability or one-hot maps (e.g. warped one-hot moving labels and one-hot
+    fixed labels); pass only the channels to score (usually without the background).
+    """
+    if prediction.shape != target.shape or prediction.dim() != 5:
+        raise ValueError(f"expected two (B, L, D, H, W) maps of one shape, got {tuple(prediction.shape)} and {tuple(target.shape)}")
+    dims = (2, 3, 4)
+    overlap = (prediction * target).sum(dims)
+    total = prediction.sum(dims) + target.sum(dims)
+    return 1 - ((2 * overlap + eps) / (total + eps)).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def _label_volume(labels: torch.Tensor) -> torch.Tensor:
+    """Accept (B, 1, D, H, W) or (B, D, H, W) label maps; return (B, D, H, W)."""
+    if labels.dim() == 5 and labels.shape[1] == 1:
+        return labels[:, 0]
+    if labels.dim() == 4:
+        return labels
+    raise ValueError(f"expected labels (B, 1, D, H, W) or (B, D, H, W), got {tuple(labels.shape)}")
+
+
+def _labels_to_score(target: torch.Tensor, labels: Optional[Sequence[int]]) -> list:
+    if labels is not None:
+        return list(labels)
+    return [int(v) for v in torch.unique(target) if v != 0]
+
+
+def dice_per_label(
+    prediction: torch.Tensor, target: torch.Tensor, labels: Optional[Sequence[int]] = None
+) -> torch.Tensor:
+    """Dice of integer label maps, per label: ``(B, len(labels))`` float64.
+
+    ``labels`` defaults to the non-zero labels present in ``target``. A label absent from both
+    maps of a pair has an undefined Dice: NaN (use ``nanmean`` to average).
+    """
+    prediction, target = _label_volume(prediction), _label_volume(target)
+    if prediction.shape != target.shape:
+        raise ValueError(f"label maps differ in shape: {tuple(prediction.shape)} vs {tuple(target.shape)}")
+    scores = []
+    for label in _labels_to_score(target, labels):
+        p = (prediction == label).flatten(1)
+        t = (target == label).flatten(1)
+        overlap = (p & t).sum(1).double()
+        total = (p.sum(1) + t.sum(1)).double()
+        scores.append(torch.where(total > 0, 2 * overlap / total, torch.full_like(total, float("nan"))))
+    return torch.stack(scores, dim=1) if scores else torch.empty((target.shape[0], 0), dtype=torch.float64)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Voxels of the mask with a face neighbour outside it (the volume edge counts as outside)."""
+    structure = ndimage.generate_binary_structure(3, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
+
+
+def hd95(
+    prediction: np.ndarray | torch.Tensor,
+    target: np.ndarray | torch.Tensor,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> float:
+    """95th-percentile symmetric Hausdorff distance between two binary 3D masks, in ``spacing`` units.
+
+    Surface voxels are those with a 6-neighbour outside the mask. Distances from each surface to
+    the other come from scipy's Euclidean distance transform; the result is the larger of the two
+    directed 95th percentiles (as MONAI's ``compute_hausdorff_distance(percentile=95)``). NaN
+    when either mask is empty.
+    """
+    a = np.asarray(prediction.cpu() if isinstance(prediction, torch.Tensor) else prediction).astype(bool)
+    b = np.asarray(target.cpu() if isinstance(target, torch.Tensor) else target).astype(bool)
+    if a.shape != b.shape or a.ndim != 3:
+        raise ValueError(f"expected two 3D masks of one shape, got {a.shape} and {b.shape}")
+    if not a.any() or not b.any():
+        return float("nan")
+    surface_a, surface_b = _surface(a), _surface(b)
+    to_b = ndimage.distance_transform_edt(~surface_b, sampling=spacing)[surface_a]
+    to_a = ndimage.distance_transform_edt(~surface_a, sampling=spacing)[surface_b]
+    return float(max(np.percentile(to_b, 95), np.percentile(to_a, 95)))
+
+
+def hd95_per_label(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    labels: Optional[Sequence[int]] = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> torch.Tensor:
+    """:func:`hd95` of integer label maps, per label: ``(B, len(labels))`` float64 (NaN if a mask is empty)."""
+    prediction, target = _label_volume(prediction).cpu(), _label_volume(target).cpu()
+    chosen = _labels_to_score(target, labels)
+    out = torch.empty((target.shape[0], len(chosen)), dtype=torch.float64)
+    for b in range(target.shape[0]):
+        for i, label in enumerate(chosen):
+            out[b, i] = hd95((prediction[b] == label).numpy(), (target[b] == label).numpy(), spacing)
+    return out
+
+
+def jacobian_determinant(flow: torch.Tensor) -> torch.Tensor:
+    """Determinant of the Jacobian of ``x -> x + flow(x)``: ``(B, D, H, W)``.
+
+    Derivatives are central differences inside the volume and one-sided at its faces
+    (``torch.gradient``); an axis of size 1 has zero derivative.
+    """
+    if flow.dim() != 5 or flow.shape[1] != 3:
+        raise ValueError(f"expected a (B, 3, D, H, W) field, got {tuple(flow.shape)}")
+    derivatives = []
+    for axis in (2, 3, 4):
+        if flow.shape[axis] > 1:
+            derivatives.append(torch.gradient(flow, dim=axis)[0])
+        else:
+            derivatives.append(torch.zeros_like(flow))
+    # jac[:, i, j] = d(x_i + u_i) / d x_j
+    jac = torch.stack(derivatives, dim=2) + torch.eye(3, dtype=flow.dtype, device=flow.device)[None, :, :, None, None, None]
+    return torch.linalg.det(jac.permute(0, 3, 4, 5, 1, 2))
+
+
+def percent_nonpositive_jacobian(flow: torch.Tensor) -> torch.Tensor:
+    """Percentage of voxels whose Jacobian determinant is <= 0 (folding), per batch item: ``(B,)``."""
+    det = jacobian_determinant(flow)
+    return 100.0 * (det <= 0).flatten(1).to(flow.dtype).mean(1)
+
+
+def std_log_jacobian(flow: torch.Tensor) -> torch.Tensor:
+    """Standard deviation of ``log(det J)`` per batch item: ``(B,)``; determinants clipped to [1e-9, 1e9]."""
+    det = jacobian_determinant(flow)
+    return det.clamp(1e-9, 1e9).log().flatten(1).std(1)
+
+
+def std_log_jacobian_learn2reg_plus3(flow: torch.Tensor) -> torch.Tensor:
+    """The Learn2Reg "SDlogJ": std of ``log(det J + 3)`` (their +3 shift), clipped to [1e-9, 1e9]: ``(B,)``.
+
+    The shift keeps folded voxels (det <= 0) finite but makes the value differ from the plain
+    :func:`std_log_jacobian`; report which one is used. Learn2Reg's evaluation script also
+    drops a 2-voxel border before taking the std; crop the field first to match it exactly.
+    """
+    det = jacobian_determinant(flow)
+    return (det + 3).clamp(1e-9, 1e9).log().flatten(1).std(1)
