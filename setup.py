@@ -13,6 +13,12 @@ import os
 import shutil
 
 from setuptools import find_packages, setup
+
+# torch derives CUDA_HOME from the nvcc on PATH; when that is a wrapper script (e.g.
+# /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc) it guesses /usr/local, which has no
+# libcudart, and the link fails. Point it at the toolkit itself when the user has not.
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 import torch
 

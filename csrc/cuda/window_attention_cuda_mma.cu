@@ -124,7 +124,8 @@ __global__ void __launch_bounds__(kMaxWindowsPerBlock * 32, 1)
       const T* bias_h = p.rel_pos_bias + h * layout.bias;
       for (int64_t e = threadIdx.x; e < layout.bias; e += blockDim.x) bias_s[e] = to_float(bias_h[e]) * kLog2e;
     }
-    // Tail keys of the last 16-key tile point at row 0 (finite data); their scores are -inf.
+    // Tail keys of the last 16-key tile point at row 0 (finite data, so P V stays finite); their
+    // scores are -inf and their bias is never read.
     for (int t = threadIdx.x; t < layout.keys; t += blockDim.x) {
       int row = 0, key_part = 0;
       if (t < box_keys) {
@@ -212,9 +213,12 @@ __global__ void __launch_bounds__(kMaxWindowsPerBlock * 32, 1)
     for (int e = 0; e < 4; ++e) {
       const int key = e < 2 ? key0 : key1;
       const int row = e < 2 ? row0 : row1;
-      float v = s[e] * scale_log2 + mask_s[row];
-      if (with_bias) v += bias_s[key_bias_s[key] - query_bias[e & 1]];
-      s[e] = key < box_keys ? v : -INFINITY;
+      float v = -INFINITY;
+      if (key < box_keys) {
+        v = s[e] * scale_log2 + mask_s[row];
+        if (with_bias) v += bias_s[key_bias_s[key] - query_bias[e & 1]];
+      }
+      s[e] = v;
     }
     float scale_old[2], prob[4];
 #pragma unroll
