@@ -139,5 +139,21 @@ register_backend(
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         run=_native.native_window_attention,
         unavailable=_cuda_unavailable,
+        refuses=lambda args: f"it supports head_dim <= 128, got {args.head_dim}" if args.head_dim > 128 else None,
+    )
+)
+
+
+from . import _triton  # noqa: E402  (registers the Triton custom ops when Triton is installed)
+
+register_backend(
+    Backend(
+        name="triton",
+        devices=_triton.TRITON_DEVICES,
+        auto_devices=("cuda",),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        run=_triton.triton_window_attention,
+        unavailable=_triton.triton_unavailable,
+        refuses=_triton.triton_refuses,
     )
 )
