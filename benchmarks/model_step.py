@@ -12,7 +12,7 @@ A training step is: forward of the full (paper-configuration) model in training 
   input size) are counted from a small real run and reported apart from the activations.
 * Step time: wall-clock seconds of a real step at a size that fits a short benchmark.
 
-Print the figures with ``python -m benchmarks.model_step`` from the repository root.
+Print the figures with ``python benchmarks/model_step.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """pytest-benchmark of one XMorpher training step, op backend "cpu" (fused) vs "reference".
 
 Run: ``python -m pytest benchmarks/test_bench_model.py`` from the repository root. The byte
-counts are attached to each benchmark's ``extra_info``; ``python -m benchmarks.model_step``
+counts are attached to each benchmark's ``extra_info``; ``python benchmarks/model_step.py``
 prints the same figures as a table for the README.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.model_step import PAPER_SIZE, check_fake_matches_real, make_step, saved_bytes_for_backward
+from model_step import PAPER_SIZE, check_fake_matches_real, make_step, saved_bytes_for_backward
 
 TIMED_SIZE = (64, 64, 64)
 
