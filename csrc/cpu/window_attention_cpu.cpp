@@ -222,28 +222,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
 
   // Reduce the partial slots in a fixed order: over the batch and the slots of each head.
-  at::Tensor grad_bias = at::empty({0}, query.options());
-  at::Tensor grad_pad_key = at::empty({0}, query.options());
-  at::Tensor grad_pad_value = at::empty({0}, query.options());
+  at::Tensor per_head;
   if (partials.defined()) {
-    at::Tensor per_head = at::zeros({heads, partial_stride}, partials.options());
+    per_head = at::zeros({heads, partial_stride}, partials.options());
     for (int64_t b = 0; b < batch; ++b)
       for (int64_t s = 0; s < slots_z; ++s) per_head.add_(partials.select(0, b).select(1, s));
-    int64_t column = 0;
-    if (with_bias) {
-      grad_bias = per_head.narrow(1, 0, bias_per_head).reshape(in.rel_pos_bias.sizes()).to(query.scalar_type());
-      column = bias_per_head;
-    }
-    if (with_pad) {
-      grad_pad_key = per_head.narrow(1, column, head_dim).to(query.scalar_type()).contiguous();
-      grad_pad_value = per_head.narrow(1, column + head_dim, head_dim).to(query.scalar_type()).contiguous();
-    }
   }
+  const OptionalInputGrads optional = split_optional_grads(per_head, in, query.options());
   if (!same_type) {
     grad_key = grad_key.to(query.scalar_type());
     grad_value = grad_value.to(query.scalar_type());
   }
-  return {grad_query, grad_key, grad_value, grad_bias, grad_pad_key, grad_pad_value};
+  return {grad_query, grad_key, grad_value, optional.rel_pos_bias, optional.pad_key, optional.pad_value};
 }
 
 }  // namespace

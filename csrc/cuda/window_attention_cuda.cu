@@ -186,26 +186,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
 
   // Sum the partials over batch and slots, in fp64: a fixed-order reduction, the same on every run.
-  at::Tensor grad_bias = at::empty({0}, query.options());
-  at::Tensor grad_pad_key = at::empty({0}, query.options());
-  at::Tensor grad_pad_value = at::empty({0}, query.options());
-  if (partials.defined()) {
-    const at::Tensor per_head = partials.sum({0, 2});  // (heads, partial_stride)
-    int64_t column = 0;
-    if (with_bias) {
-      grad_bias = per_head.narrow(1, 0, bias_per_head).reshape(in.rel_pos_bias.sizes()).to(query.scalar_type());
-      column = bias_per_head;
-    }
-    if (with_pad) {
-      grad_pad_key = per_head.narrow(1, column, head_dim).to(query.scalar_type()).contiguous();
-      grad_pad_value = per_head.narrow(1, column + head_dim, head_dim).to(query.scalar_type()).contiguous();
-    }
-  }
+  const at::Tensor per_head = partials.defined() ? partials.sum({0, 2}) : at::Tensor();  // (heads, partial_stride)
+  const OptionalInputGrads optional = split_optional_grads(per_head, in, query.options());
   if (query.scalar_type() != at::kFloat) {
     grad_key = grad_key.to(query.scalar_type());
     grad_value = grad_value.to(query.scalar_type());
   }
-  return {grad_query, grad_key, grad_value, grad_bias, grad_pad_key, grad_pad_value};
+  return {grad_query, grad_key, grad_value, optional.rel_pos_bias, optional.pad_key, optional.pad_value};
 }
 
 }  // namespace

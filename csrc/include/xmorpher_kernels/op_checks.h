@@ -1,6 +1,7 @@
 // Host-side preparation shared by the CPU and CUDA implementations of the ops: defensive checks
 // (the Python API validates first, with friendlier messages; these guard direct torch.ops calls),
-// strides made usable by the kernels, and the WindowGeometry of the call.
+// strides made usable by the kernels, the WindowGeometry of the call, and the gradients of the
+// optional inputs from the kernels' partial sums.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -74,6 +75,32 @@ inline OpInputs check_op_inputs(const char* op, const at::Tensor& query, const a
     in.pad_value = pad_value->contiguous();
   }
   return in;
+}
+
+// Gradients of the optional inputs from the kernels' partial sums reduced per head,
+// `per_head` (heads, [bias_per_head if rel_pos_bias] [2 * head_dim if constant padding]).
+// Absent inputs get empty tensors, as the backward op's schema says.
+struct OptionalInputGrads {
+  at::Tensor rel_pos_bias, pad_key, pad_value;
+};
+
+inline OptionalInputGrads split_optional_grads(const at::Tensor& per_head, const OpInputs& in,
+                                               const at::TensorOptions& options) {
+  const at::Tensor empty = at::empty({0}, options);
+  OptionalInputGrads grads{empty, empty, empty};
+  if (!per_head.defined()) return grads;
+  const int64_t head_dim = in.query.size(5);
+  int64_t column = 0;
+  if (in.rel_pos_bias.defined()) {
+    const int64_t bias_per_head = in.rel_pos_bias.numel() / in.rel_pos_bias.size(0);
+    grads.rel_pos_bias = per_head.narrow(1, 0, bias_per_head).reshape(in.rel_pos_bias.sizes()).to(options.dtype());
+    column = bias_per_head;
+  }
+  if (in.pad_key.defined()) {
+    grads.pad_key = per_head.narrow(1, column, head_dim).to(options.dtype()).contiguous();
+    grads.pad_value = per_head.narrow(1, column + head_dim, head_dim).to(options.dtype()).contiguous();
+  }
+  return grads;
 }
 
 }  // namespace xmorpher_kernels
