@@ -1,11 +1,14 @@
-"""xmorpher: the XMorpher registration network (MICCAI 2022), its comparison models, and the
-registration framework (warping, velocity integration, losses, metrics) around them.
+"""xmorpher: the XMorpher registration network (MICCAI 2022), its comparison models, the
+registration framework (warping, velocity integration, losses, metrics) around them, and
+registration of volumes with a trained checkpoint (``register``; training and evaluation are in
+``xmorpher.train`` / ``xmorpher.evaluate`` and the ``xmorpher`` command).
 
 Models take ``(moving, fixed)`` volumes ``(B, C, D, H, W)`` and return the displacement
 ``(B, 3, D, H, W)`` in voxels; their attention is ``xmorpher_kernels.window_cross_attention``.
 """
 
 from .baselines import VoxelMorph, VoxelMorphConfig, XMorpherNoCross
+from .config import Config, load_config
 from .factory import build_model, model_names
 from .framework import (
     SpatialTransformer,
@@ -26,8 +29,14 @@ from .framework import (
     warp_labels,
 )
 from .model import CrossAttentionBlock, XMorpher, XMorpherConfig
+from .registration import Registrar, RegistrationResult, register
 
 __all__ = [
+    "register",
+    "Registrar",
+    "RegistrationResult",
+    "Config",
+    "load_config",
     "XMorpher",
     "XMorpherConfig",
     "XMorpherNoCross",

@@ -13,7 +13,7 @@ Conventions, shared by every function here and by the models in this package:
 from __future__ import annotations
 
 import itertools
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import numpy as np
 import torch

@@ -1,0 +1,231 @@
+"""Data: built-in anatomy on its grid, diffeomorphic synthetic warps, labels that follow the image,
+seeded and disjoint splits, users' NIfTI pairs (CSV and Learn2Reg JSON) and their bad-input errors."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from xmorpher.data import (
+    BrainPairs,
+    DeformationParams,
+    IntensityParams,
+    NiftiPairs,
+    ShapesPairs,
+    load_brain_template,
+    random_deformation,
+    save_volume,
+    synthesize_brain_subject,
+)
+from xmorpher.data.datasets import _rng, pair_indices
+from xmorpher.errors import XMorpherError
+from xmorpher.framework import dice_per_label, jacobian_determinant, warp, warp_labels
+from xmorpher.train import Distributed, PairSampler
+
+nib = pytest.importorskip("nibabel")
+SPACING = 4.0  # 40 x 48 x 40: fast, and the grid the README's main job trains on
+NO_AUGMENTATION = IntensityParams(label_contrast=0, tissue_contrast=0, bias_strength=0, gamma_std=0, blur_max=0, noise_max=0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # a busy 2-core machine stalls multi-threaded small ops; one thread is fastest and deterministic
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_brain_template_is_on_the_mni_grid_and_labels_overlap_the_t1():
+    template = load_brain_template(SPACING)
+    assert template.t1.shape == template.labels.shape == (40, 48, 40)
+    assert len(template.label_names) == 30 and template.label_names[0] == "background"
+    assert set(np.unique(template.labels)) == set(range(30))  # every aseg structure survives 4 mm
+    centre = template.affine @ np.array([20, 28.5, 18.5, 1.0])
+    assert np.allclose(centre[:3], [2, 0, 0], atol=2.01)  # voxel (20, 28.5, 18.5) sits near MNI (0, 0, 0)
+    brain_t1 = template.t1 > 0.1
+    brain_labels = template.labels > 0
+    dice = 2 * (brain_t1 & brain_labels).sum() / (brain_t1.sum() + brain_labels.sum())
+    assert dice > 0.8, "atlas and template disagree: an orientation or affine went wrong"
+    # white matter is bright in T1: the labels sit on the right anatomy, not just inside the head
+    names = template.label_names
+    wm = np.isin(template.labels, [names.index("Left-Cerebral-White-Matter"), names.index("Right-Cerebral-White-Matter")])
+    ventricles = np.isin(template.labels, [names.index("Left-Lateral-Ventricle"), names.index("Right-Lateral-Ventricle")])
+    assert template.t1[wm].mean() > template.t1[ventricles].mean() + 0.3
+    # left structures lie at MNI x < 0 (the atlas file is LIA, the template RAS: a flip would show here)
+    x_mm = template.affine[0, 0] * np.arange(40) + template.affine[0, 3]
+    left = template.labels == names.index("Left-Hippocampus")
+    right = template.labels == names.index("Right-Hippocampus")
+    assert x_mm[np.nonzero(left)[0]].mean() < -10 and x_mm[np.nonzero(right)[0]].mean() > 10
+
+
+def test_aparc_aseg_label_set_keeps_the_cortical_parcels():
+    template = load_brain_template(SPACING, "aparc+aseg")
+    assert len(template.label_names) > 100
+    assert "ctx-lh-precuneus" in template.label_names
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_deformations_are_diffeomorphic(seed):
+    rng = np.random.default_rng(seed)
+    # twice the default velocity: folds would show up here first
+    params = DeformationParams(velocity_std_mm=(8.0, 4.0, 2.0))
+    displacement = random_deformation(rng, (40, 48, 40), SPACING, params)
+    det = jacobian_determinant(displacement[None])
+    assert det.min() > 0, f"folding: min |J| = {det.min():.3f}"
+    assert displacement.abs().max() > 1.0, "the deformation is too small to be a test"
+
+
+def test_brain_subject_labels_follow_the_image():
+    template = load_brain_template(SPACING)
+    subject = synthesize_brain_subject(template, np.random.default_rng(3), DeformationParams(), NO_AUGMENTATION)
+    flow = subject["displacement"][None]
+    # without intensity changes the image is exactly the template warped by the subject's deformation,
+    # and the labels are the template labels warped by the same deformation
+    expected = warp(torch.from_numpy(template.t1)[None, None], flow)[0]
+    assert torch.allclose(subject["image"], expected / expected.max(), atol=1e-5)
+    expected_labels = warp_labels(torch.from_numpy(template.labels)[None, None], flow)[0, 0]
+    assert torch.equal(subject["labels"], expected_labels)
+    assert (subject["labels"] != torch.from_numpy(template.labels)).float().mean() > 0.05  # it did move
+
+
+def test_labels_explain_their_own_augmented_image_better_than_another_subjects_labels():
+    dataset = BrainPairs("train", 3, spacing_mm=SPACING)
+
+    def explained_variance(image, labels):
+        """R^2 of the image predicted by the mean intensity of each label."""
+        x, groups = image[0].flatten().double(), labels.flatten()
+        means = torch.bincount(groups, weights=x) / torch.bincount(groups).clamp_min(1)
+        return float(1 - ((x - means[groups]) ** 2).sum() / ((x - x.mean()) ** 2).sum())
+
+    for i, j in ((0, 1), (1, 2), (2, 0)):
+        image = dataset.subject(i)["image"]
+        own = explained_variance(image, dataset.subject(i)["labels"])
+        assert own > 0.6
+        assert own > explained_variance(image, dataset.subject(j)["labels"]) + 0.03
+
+
+def test_shapes_images_are_piecewise_constant_over_their_own_labels():
+    dataset = ShapesPairs("train", 2, shape=(24, 24, 24), num_labels=4, intensity=NO_AUGMENTATION)
+    item = dataset[0]
+
+    def constant_fraction(image, labels):
+        """Share of voxels one voxel inside their label whose intensity is the label's (median) one;
+        boundary voxels mix neighbours (linear interpolation) and are left out."""
+        hits = total = 0
+        for label in labels.unique():
+            values = image[torch.from_numpy(ndimage.binary_erosion((labels == label).numpy()))]
+            hits += int((torch.abs(values - values.median()) < 0.02).sum())
+            total += values.numel()
+        return hits / total
+
+    for key, other in (("moving", "fixed"), ("fixed", "moving")):
+        image = item[key][0]
+        own = constant_fraction(image, item[f"{key}_labels"][0])
+        assert own > 0.9
+        assert own > constant_fraction(image, item[f"{other}_labels"][0]) + 0.2
+    scores = dice_per_label(item["moving_labels"], item["fixed_labels"])
+    assert 0.2 < scores.nanmean() < 0.98  # one label map seen through two different deformations
+
+
+def test_items_are_seeded_and_splits_disjoint():
+    train = BrainPairs("train", 4, spacing_mm=SPACING)
+    again = BrainPairs("train", 4, spacing_mm=SPACING)
+    assert torch.equal(train[5]["moving"], again[5]["moving"])
+    test = BrainPairs("test", 4, spacing_mm=SPACING)
+    train_subjects = [train.subject(i)["image"] for i in range(4)]
+    for i in range(4):
+        assert all(not torch.equal(test.subject(i)["image"], image) for image in train_subjects)
+    other_seed = BrainPairs("train", 4, spacing_mm=SPACING, seed=1)
+    assert not torch.equal(other_seed[5]["moving"], train[5]["moving"])
+    with pytest.raises(XMorpherError):
+        _rng(0, "brain", "validation", 0)
+
+
+def test_pair_indices_cover_ordered_pairs_and_rings():
+    pairs = {pair_indices("train", 4, k) for k in range(12)}
+    assert pairs == {(i, j) for i in range(4) for j in range(4) if i != j}
+    assert [pair_indices("test", 3, k) for k in range(3)] == [(0, 1), (1, 2), (2, 0)]
+
+
+def test_pair_sampler_splits_one_global_batch_over_ranks_and_resumes_mid_epoch():
+    single = list(PairSampler(10, steps=7, batch=2, dist_info=Distributed(), seed=3, epoch=1))
+    ranks = [list(PairSampler(10, 7, 1, Distributed(rank, 2), 3, 1)) for rank in range(2)]
+    assert single == [index for step in zip(*ranks) for index in step]
+    assert len(single) == 14 and set(single) == set(range(10))  # an epoch longer than the data reuses it
+    assert list(PairSampler(10, 7, 2, Distributed(), 3, 1, start_step=4)) == single[8:]
+    assert list(PairSampler(10, 7, 2, Distributed(), 3, 2)) != single
+
+
+def _write(path, array, affine=np.eye(4)):
+    save_volume(str(path), array, affine)
+    return str(path)
+
+
+@pytest.fixture
+def nifti_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c", "d"):
+        _write(tmp_path / f"{name}.nii.gz", (rng.random((12, 10, 8)) * 300).astype(np.float32))
+        _write(tmp_path / f"{name}_seg.nii.gz", rng.integers(0, 3, (12, 10, 8)).astype(np.int16))
+    return tmp_path
+
+
+def test_nifti_pairs_from_csv_normalizes_and_loads_labels(nifti_folder):
+    (nifti_folder / "pairs.csv").write_text(
+        "moving,fixed,moving_labels,fixed_labels,split\n"
+        "a.nii.gz,b.nii.gz,a_seg.nii.gz,b_seg.nii.gz,train\n"
+        "b.nii.gz,c.nii.gz,b_seg.nii.gz,c_seg.nii.gz,test\n"
+    )
+    dataset = NiftiPairs(str(nifti_folder / "pairs.csv"), "train")
+    item = dataset[0]
+    assert len(dataset) == 1 and item["moving"].shape == (1, 12, 10, 8)
+    assert 0 <= item["moving"].min() and item["moving"].max() <= 1
+    assert item["moving_labels"].dtype == torch.int64 and item["moving_labels"].max() == 2
+    assert len(NiftiPairs(str(nifti_folder / "pairs.csv"), "test")) == 1
+    with pytest.raises(XMorpherError, match="no val pairs"):
+        NiftiPairs(str(nifti_folder / "pairs.csv"), "val")
+
+
+def test_nifti_pairs_from_learn2reg_json(nifti_folder):
+    spec = {
+        "training": [{"image": f"./{n}.nii.gz", "label": f"./{n}_seg.nii.gz"} for n in "abcd"],
+        "registration_val": [{"fixed": "./a.nii.gz", "moving": "./c.nii.gz"}],
+    }
+    (nifti_folder / "dataset.json").write_text(json.dumps(spec))
+    train = NiftiPairs(str(nifti_folder / "dataset.json"), "train")
+    assert len(train) == 2  # a and c are held out for validation: the ordered pairs of b and d remain
+    val = NiftiPairs(str(nifti_folder / "dataset.json"), "val")
+    assert len(val) == 1 and "moving_labels" in val[0]
+    assert val[0]["name"] == "c_to_a"
+
+
+@pytest.mark.parametrize(
+    "problem, message",
+    [("nan", "NaN"), ("4d", "expected a 3D volume"), ("shape", "differs from the fixed image"), ("missing", "do not exist")],
+)
+def test_nifti_pairs_reject_bad_volumes_with_one_clear_error(nifti_folder, problem, message):
+    bad = nifti_folder / "bad.nii.gz"
+    if problem == "nan":
+        array = np.ones((12, 10, 8), np.float32)
+        array[3, 3, 3] = np.nan
+        _write(bad, array)
+    elif problem == "4d":
+        _write(bad, np.ones((12, 10, 8, 2), np.float32))
+    elif problem == "shape":
+        _write(bad, np.ones((12, 10, 9), np.float32))
+    (nifti_folder / "pairs.csv").write_text("moving,fixed\nbad.nii.gz,a.nii.gz\n")
+    with pytest.raises(XMorpherError, match=message):
+        NiftiPairs(str(nifti_folder / "pairs.csv"), "train")[0]
+
+
+def test_intensity_augmentation_changes_appearance_but_stays_in_unit_range():
+    template = load_brain_template(SPACING)
+    plain = synthesize_brain_subject(template, np.random.default_rng(5), DeformationParams(), NO_AUGMENTATION)
+    augmented = synthesize_brain_subject(template, np.random.default_rng(5), DeformationParams(), replace(IntensityParams(), noise_max=0.05))
+    assert torch.equal(plain["labels"], augmented["labels"])  # appearance only, same anatomy
+    assert 0 <= augmented["image"].min() and augmented["image"].max() <= 1
+    assert (plain["image"] - augmented["image"]).abs().mean() > 0.01

@@ -1,0 +1,229 @@
+"""End to end on the CPU with the tiny preset: train, checkpoint, kill, resume (bit-exact), register,
+evaluate, bad inputs through the `xmorpher` command, every model name, semi-supervised training, and
+distributed data parallel with gloo on 2 processes matching one process with twice the batch."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from xmorpher.checkpoint import build_model_from_config, load_checkpoint
+from xmorpher.cli import main
+from xmorpher.config import load_config
+from xmorpher.data import ShapesPairs, save_volume
+from xmorpher.registration import register
+from xmorpher.train import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 3 epochs x 4 steps, a checkpoint every 2 steps: a kill after the first checkpoint leaves work to
+# redo; stochastic depth draws from the torch RNG, so resuming must restore it too
+RUN = ["--config", "tiny", "--set", "train.epochs=3", "--set", "train.steps_per_epoch=4",
+       "--set", "model.xmorpher.drop_path_rate=0.2", "--no-progress"]
+
+
+def cli(*args, check=True, **kwargs):
+    """`python -m xmorpher.cli ...` in a fresh interpreter, as a user runs it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-m", "xmorpher.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"xmorpher {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def log_rows(run_dir):
+    with open(os.path.join(run_dir, "log.csv")) as handle:
+        return [{k: v for k, v in row.items() if k != "pairs_per_s"} for row in csv.DictReader(handle)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("runs") / "uninterrupted")
+    cli("train", *RUN, "--out", run_dir)
+    return run_dir
+
+
+def test_killed_run_resumes_to_the_same_parameters_as_an_uninterrupted_one(uninterrupted_run, tmp_path):
+    run_dir = str(tmp_path / "killed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xmorpher.cli", "train", *RUN, "--out", run_dir],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    last = os.path.join(run_dir, "last.pt")
+    deadline = time.time() + 120
+    while not os.path.exists(last) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = load_checkpoint(last)["step"]
+    assert 0 < killed_at < 12
+
+    cli("train", "--out", run_dir, "--resume", "--no-progress")
+    resumed, reference = load_checkpoint(last), load_checkpoint(os.path.join(uninterrupted_run, "last.pt"))
+    assert resumed["step"] == reference["step"] == 12
+    assert states_equal(resumed["model"], reference["model"]), "resume did not reproduce the parameters"
+    assert resumed["optimizer"]["state"].keys() == reference["optimizer"]["state"].keys()
+    for key, state in reference["optimizer"]["state"].items():
+        assert all(torch.equal(state[name], resumed["optimizer"]["state"][key][name]) for name in state)
+    assert resumed["best"] == reference["best"]
+    assert log_rows(run_dir) == log_rows(uninterrupted_run)  # rows after the checkpoint were replaced, not repeated
+    assert not [name for name in os.listdir(run_dir) if ".tmp" in name]
+
+
+def test_register_writes_nifti_with_the_fixed_affine_and_a_panel(uninterrupted_run, tmp_path):
+    item = ShapesPairs("test", 1, shape=(16, 16, 16), num_labels=3)[0]
+    affine = np.diag([2.0, 3.0, 4.0, 1.0])
+    affine[:3, 3] = [10, -20, 30]
+    paths = {}
+    for key in ("moving", "fixed", "moving_labels"):
+        paths[key] = str(tmp_path / f"{key}.nii.gz")
+        data = item[key][0].numpy()
+        save_volume(paths[key], data.astype(np.int16) if "labels" in key else data * 1000, affine if key == "fixed" else np.eye(4))
+    out = tmp_path / "registered"
+    cli("register", "--checkpoint", os.path.join(uninterrupted_run, "best.pt"), "--moving", paths["moving"], "--fixed",
+        paths["fixed"], "--moving-labels", paths["moving_labels"], "--out", str(out))
+    nib = pytest.importorskip("nibabel")
+    warped = nib.load(str(out / "warped.nii.gz"))
+    field = nib.load(str(out / "displacement.nii.gz"))
+    labels = nib.load(str(out / "warped_labels.nii.gz"))
+    assert np.allclose(warped.affine, affine) and np.allclose(field.affine, affine) and np.allclose(labels.affine, affine)
+    assert warped.shape == (16, 16, 16) and field.shape == (16, 16, 16, 3)
+    assert warped.get_fdata().max() > 100  # the moving image's own intensities, not normalized ones
+    assert set(np.unique(labels.get_fdata())) <= set(np.unique(item["moving_labels"].numpy()))
+    assert (out / "panel.png").stat().st_size > 10_000
+
+    # the Python API gives the same field as the command
+    result = register(paths["moving"], paths["fixed"], os.path.join(uninterrupted_run, "best.pt"), device="cpu")
+    assert np.allclose(np.moveaxis(result.displacement, 0, -1), field.get_fdata(), atol=1e-6)
+
+
+def test_evaluate_prints_a_table_and_writes_csv_and_json(uninterrupted_run, tmp_path):
+    out = tmp_path / "evaluation"
+    result = cli("evaluate", "--checkpoint", os.path.join(uninterrupted_run, "best.pt"), "--out", str(out), "--no-progress")
+    assert "identity" in result.stdout and "xmorpher" in result.stdout and "HD95" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"identity", "xmorpher"}
+    identity = summary["methods"]["identity"]
+    assert identity["nonpositive_jacobian_percent"]["mean"] == 0 and identity["sd_log_jacobian"]["mean"] == 0
+    assert 0 < identity["dice"]["mean"] < 1 and identity["hd95"]["mean"] > 0
+    with open(out / "per_pair.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 2 * summary["pairs"]
+    assert (out / "example.png").exists()
+
+
+def test_bad_inputs_end_in_one_error_line_and_a_nonzero_exit(uninterrupted_run, tmp_path):
+    good = str(tmp_path / "good.nii.gz")
+    save_volume(good, np.random.rand(16, 16, 16).astype(np.float32), np.eye(4))
+    nan = np.random.rand(16, 16, 16).astype(np.float32)
+    nan[1, 2, 3] = np.nan
+    save_volume(str(tmp_path / "nan.nii.gz"), nan, np.eye(4))
+    save_volume(str(tmp_path / "4d.nii.gz"), np.random.rand(16, 16, 16, 2).astype(np.float32), np.eye(4))
+    save_volume(str(tmp_path / "small.nii.gz"), np.random.rand(16, 16, 8).astype(np.float32), np.eye(4))
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti at all")
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    checkpoint = os.path.join(uninterrupted_run, "best.pt")
+    # a checkpoint whose weights do not fit its own config: a wider embedding than was trained
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["config"]["model"]["xmorpher"]["embed_dim"] = 16
+    torch.save(payload, str(tmp_path / "incompatible.pt"))
+
+    def register_args(moving, fixed=good, ckpt=checkpoint):
+        return ["register", "--checkpoint", ckpt, "--moving", moving, "--fixed", fixed, "--out", str(tmp_path / "out")]
+
+    cases = {
+        "no such file": register_args(str(tmp_path / "missing.nii.gz")),
+        "cannot read as NIfTI": register_args(str(tmp_path / "broken.nii.gz")),
+        "expected a 3D volume": register_args(str(tmp_path / "4d.nii.gz")),
+        "differs from the fixed image": register_args(str(tmp_path / "small.nii.gz")),
+        "NaN": register_args(str(tmp_path / "nan.nii.gz")),
+        "not a readable checkpoint": register_args(good, ckpt=str(tmp_path / "broken.pt")),
+        "weights do not fit": register_args(good, ckpt=str(tmp_path / "incompatible.pt")),
+        "unknown config key": ["train", "--config", "tiny", "--set", "train.learning_rate=1", "--out", str(tmp_path / "x")],
+        "already holds a run": ["train", "--config", "tiny", "--out", uninterrupted_run],
+        "nothing to resume": ["train", "--resume", "--out", str(tmp_path / "empty")],
+    }
+    for message, args in cases.items():
+        result = cli(*args, check=False) if message == "no such file" else None
+        if result is not None:  # one real subprocess: exit status and stderr as a user sees them
+            code, stderr = result.returncode, result.stderr
+        else:
+            with _captured() as captured:
+                code = main(args)
+            stderr = captured.err
+        assert code == 2, f"{message}: exit {code}"
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("xmorpher: error:") and message in lines[0], f"{message}: {stderr!r}"
+        assert "Traceback" not in stderr
+
+
+class _captured:
+    """Capture stderr written by an in-process `main` call."""
+
+    def __enter__(self):
+        import io
+
+        self._stderr, sys.stderr = sys.stderr, io.StringIO()
+        return self
+
+    def __exit__(self, *exc):
+        self.err = sys.stderr.getvalue()
+        sys.stderr = self._stderr
+        return False
+
+
+@pytest.mark.parametrize("name", ["xmorpher-nocross", "voxelmorph"])
+def test_every_model_trains_through_the_same_loop(name, tmp_path):
+    config = load_config("tiny", ["train.epochs=1", "train.steps_per_epoch=2", f"model.name={name}"])
+    summary = train(config, str(tmp_path / name), progress=False)
+    assert summary["step"] == 2 and os.path.exists(tmp_path / name / "best.pt")
+    assert load_checkpoint(str(tmp_path / name / "best.pt"))["config"]["model"]["name"] == name
+
+
+def test_semi_supervised_training_logs_a_dice_term(tmp_path):
+    config = load_config("tiny", ["train.epochs=1", "train.steps_per_epoch=2", "train.mode=semi-supervised"])
+    train(config, str(tmp_path / "semi"), progress=False)
+    rows = [row for row in log_rows(str(tmp_path / "semi")) if row["dice_loss"]]
+    assert len(rows) == 2 and all(0 < float(row["dice_loss"]) <= 1 for row in rows)
+
+
+def test_ddp_with_gloo_on_two_processes_matches_one_process_with_twice_the_batch(tmp_path):
+    common = ["--config", "tiny", "--set", "train.epochs=1", "--set", "train.steps_per_epoch=3", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    distributed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "xmorpher.cli", "train", *common, "--out", str(tmp_path / "ddp")],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )
+    assert distributed.returncode == 0, distributed.stderr[-3000:]
+    cli("train", *common, "--set", "train.batch_size=2", "--out", str(tmp_path / "single"))
+    ddp, single = load_checkpoint(str(tmp_path / "ddp" / "last.pt")), load_checkpoint(str(tmp_path / "single" / "last.pt"))
+    assert len(ddp["rng"]) == 2 and ddp["step"] == single["step"] == 3
+    for key, value in single["model"].items():
+        # same pairs, same averaged gradients; only the summation order differs
+        assert torch.allclose(ddp["model"][key], value, rtol=1e-4, atol=1e-6), key
+    torch.manual_seed(0)
+    initial = build_model_from_config(load_config("tiny")).state_dict()
+    assert any(not torch.allclose(initial[k], v) for k, v in single["model"].items()), "training changed nothing"
+
+
+def test_config_file_round_trips_every_hyperparameter(tmp_path, capsys):
+    assert main(["config", "--config", "brain-cpu", "--set", "train.lr=3e-4", "--set", "data.intensity.gamma_std=0.5"]) == 0
+    path = tmp_path / "my.toml"
+    path.write_text(capsys.readouterr().out)
+    loaded = load_config(str(path))
+    assert loaded == load_config("brain-cpu", ["train.lr=3e-4", "data.intensity.gamma_std=0.5"])
+    assert loaded.train.lr == 3e-4 and loaded.data.intensity.gamma_std == 0.5 and loaded.data.spacing_mm == 4.0
+    (tmp_path / "my.json").write_text(json.dumps({"train": {"epochs": 3}, "model": {"name": "voxelmorph"}}))
+    assert load_config(str(tmp_path / "my.json")).model.options() == {}

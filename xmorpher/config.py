@@ -1,0 +1,269 @@
+"""Every hyperparameter of data, model, training and evaluation in one typed, file-backed config.
+
+A config is a TOML (Python 3.11+ stdlib) or JSON file with the tables [data], [data.deformation],
+[data.intensity], [model], [model.options], [train] and [evaluate]; keys left out keep the defaults
+below. Presets are named configs shipped in code: `brain-cpu` (the README's main job) and `tiny`
+(tests). `xmorpher config` prints a full config to start from.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .data.synth import DeformationParams, IntensityParams
+from .errors import XMorpherError
+
+MODEL_NAMES = ("xmorpher", "xmorpher-nocross", "voxelmorph")
+
+
+@dataclass
+class DataConfig:
+    """Where pairs come from. source: brain (built-in MNI anatomy), shapes (random blobs) or nifti."""
+
+    source: str = "brain"
+    spacing_mm: float = 2.0  # built-in brain grid (2 mm: 80 x 96 x 80) and shapes' nominal voxel size
+    label_set: str = "aseg"  # brain labels: aseg (29 structures) or aparc+aseg (all 112)
+    seed: int = 0  # seeds of the synthetic subjects; splits never share one
+    train_subjects: int = 100  # brain: every ordered pair of these is a training pair
+    val_subjects: int = 4  # brain: val/test pair each subject with the next one
+    test_subjects: int = 10
+    shapes_size: list = field(default_factory=lambda: [64, 64, 64])
+    shapes_labels: int = 8
+    shapes_train_pairs: int = 1000
+    shapes_val_pairs: int = 4
+    shapes_test_pairs: int = 10
+    pairs_file: str = ""  # nifti: a pairs CSV or a Learn2Reg dataset JSON
+    normalization: str = "percentile"  # nifti and register: percentile, minmax, zscore or none
+    deformation: DeformationParams = field(default_factory=DeformationParams)
+    intensity: IntensityParams = field(default_factory=IntensityParams)
+
+
+@dataclass
+class ModelConfig:
+    """The network: a name of build_model, and per model the config fields it overrides (so that
+    `--model` can switch networks without touching the options of the others)."""
+
+    name: str = "xmorpher"
+    attention_backend: str = "auto"  # window_cross_attention backend: auto, cpu, reference, triton, cuda
+    xmorpher: dict = field(default_factory=dict)  # XMorpherConfig fields, e.g. embed_dim = 24
+    xmorpher_nocross: dict = field(default_factory=dict)  # XMorpherConfig fields
+    voxelmorph: dict = field(default_factory=dict)  # VoxelMorphConfig fields
+
+    def options(self) -> dict:
+        """The overrides of the chosen model."""
+        return dict(getattr(self, self.name.replace("-", "_")))
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, logging and checkpointing."""
+
+    mode: str = "unsupervised"  # unsupervised: similarity + diffusion; semi-supervised: + Dice on labels
+    similarity: str = "ncc"  # ncc (local, window ncc_window) or mse
+    ncc_window: int = 9
+    diffusion_weight: float = 1.0  # lambda of the diffusion regulariser
+    dice_weight: float = 1.0  # semi-supervised only
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    scheduler: str = "constant"  # constant or cosine (to 0 over all steps)
+    epochs: int = 10
+    steps_per_epoch: int = 100  # optimiser steps; an epoch is steps_per_epoch * batch_size * world pairs
+    batch_size: int = 1  # per process
+    grad_clip: float = 0.0  # max gradient norm; 0 disables
+    amp: str = "auto"  # auto (bf16 or fp16 on CUDA, off on CPU), bf16, fp16 or off
+    checkpoint_every: int = 50  # steps between checkpoints: a killed run loses at most this many
+    val_pairs: int = 0  # validation pairs per epoch; 0: the whole val split
+    num_workers: int = 0  # data loader processes
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1, ...
+    threads: int = 0  # CPU threads of this process; 0: PyTorch's default (1 avoids stalls on a busy machine)
+    seed: int = 0  # model initialisation and the order of training pairs
+    log_every: int = 10  # steps between CSV / TensorBoard rows
+
+
+@dataclass
+class EvaluateConfig:
+    """What `xmorpher evaluate` measures."""
+
+    split: str = "test"
+    max_pairs: int = 0  # 0: all pairs of the split
+    hd95: bool = True  # HD95 needs distance transforms: the slowest metric
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+_SMALL_XMORPHER = {
+    "patch_size": 2, "embed_dim": 16, "depths": [1, 1, 1], "num_heads": [1, 2, 4], "head_channels": 16, "drop_path_rate": 0.0,
+}
+_TINY_XMORPHER = {"patch_size": 2, "embed_dim": 8, "depths": [1, 1], "num_heads": [1, 2], "head_channels": 8, "drop_path_rate": 0.0}
+
+PRESETS: dict[str, dict] = {
+    # The README's main job: a small XMorpher on the built-in brains at 4 mm (40 x 48 x 40) that
+    # trains in under 30 minutes on a 2-core CPU.
+    "brain-cpu": {
+        "data": {"source": "brain", "spacing_mm": 4.0, "train_subjects": 60, "val_subjects": 4, "test_subjects": 10},
+        "model": {"name": "xmorpher", "xmorpher": _SMALL_XMORPHER, "xmorpher_nocross": _SMALL_XMORPHER},
+        "train": {"lr": 2e-3, "epochs": 30, "steps_per_epoch": 100, "checkpoint_every": 50, "scheduler": "cosine"},
+    },
+    # Seconds-long runs for tests: tiny shapes, tiny model.
+    "tiny": {
+        "data": {"source": "shapes", "shapes_size": [16, 16, 16], "shapes_labels": 3, "shapes_train_pairs": 64,
+                 "shapes_val_pairs": 2, "shapes_test_pairs": 2, "spacing_mm": 4.0},
+        "model": {"name": "xmorpher", "xmorpher": _TINY_XMORPHER, "xmorpher_nocross": _TINY_XMORPHER,
+                  "voxelmorph": {"encoder_channels": [4, 8], "decoder_channels": [8, 8, 4]}},
+        "train": {"epochs": 2, "steps_per_epoch": 3, "checkpoint_every": 2, "log_every": 1, "lr": 1e-3, "threads": 1},
+    },
+}
+
+
+def _merge(base: Any, updates: dict, where: str) -> Any:
+    """A copy of dataclass `base` with `updates` applied recursively; unknown keys are errors."""
+    known = {f.name: f for f in dataclasses.fields(base)}
+    changes = {}
+    for key, value in updates.items():
+        if key not in known:
+            raise XMorpherError(f"unknown config key '{where}{key}'; known: {', '.join(known)}")
+        current = getattr(base, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise XMorpherError(f"config key '{where}{key}' is a table")
+            changes[key] = _merge(current, value, f"{where}{key}.")
+        elif isinstance(current, dict):
+            changes[key] = {**current, **value} if isinstance(value, dict) else value
+        else:
+            changes[key] = _coerce(current, value, f"{where}{key}")
+    return dataclasses.replace(base, **changes)
+
+
+def _coerce(current: Any, value: Any, key: str) -> Any:
+    """Check a value against the default's type (ints are accepted where floats are expected)."""
+    if isinstance(current, bool) or isinstance(value, bool):
+        ok = isinstance(current, bool) and isinstance(value, bool)
+    elif isinstance(current, float):
+        ok = isinstance(value, (int, float))
+        value = float(value) if ok else value
+    elif isinstance(current, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+        value = type(current)(value) if ok else value
+    else:
+        ok = isinstance(value, type(current))
+    if not ok:
+        raise XMorpherError(f"config key '{key}' expects {type(current).__name__}, got {value!r}")
+    return value
+
+
+def read_config_file(path: str) -> dict:
+    """The tables of a TOML or JSON config file."""
+    if not os.path.isfile(path):
+        raise XMorpherError(f"{path}: no such config file (presets: {', '.join(PRESETS)})")
+    try:
+        if path.endswith(".json"):
+            with open(path) as handle:
+                return json.load(handle)
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python < 3.11
+            raise XMorpherError(f"{path}: TOML configs need Python 3.11+; use a JSON config") from None
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except (ValueError, OSError) as error:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise XMorpherError(f"{path}: cannot parse config ({error})") from None
+
+
+def parse_override(text: str) -> dict:
+    """`train.lr=3e-4` -> {"train": {"lr": 3e-4}}; the value is read as JSON, else as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise XMorpherError(f"--set expects key=value, got '{text}'")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = {"true": True, "false": False}.get(raw, raw)
+    nested: dict = value
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(source: Optional[str] = None, overrides: Optional[list] = None, base: Optional[dict] = None) -> Config:
+    """Defaults, then `base` (e.g. a checkpoint's config), then a preset name or config file, then
+    `key=value` overrides."""
+    config = Config()
+    if base:
+        config = _merge(config, base, "")
+    if source:
+        config = _merge(config, copy.deepcopy(PRESETS[source]) if source in PRESETS else read_config_file(source), "")
+    for override in overrides or []:
+        config = _merge(config, parse_override(override), "")
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Reject values that would only fail later, deep inside a run."""
+    choices = {
+        "data.source": (config.data.source, ("brain", "shapes", "nifti")),
+        "model.name": (config.model.name, MODEL_NAMES),
+        "train.mode": (config.train.mode, ("unsupervised", "semi-supervised")),
+        "train.similarity": (config.train.similarity, ("ncc", "mse")),
+        "train.scheduler": (config.train.scheduler, ("constant", "cosine")),
+        "train.amp": (config.train.amp, ("auto", "bf16", "fp16", "off")),
+        "evaluate.split": (config.evaluate.split, ("train", "val", "test")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise XMorpherError(f"config key '{key}' must be one of {', '.join(allowed)}, got '{value}'")
+    positive = {
+        "train.epochs": config.train.epochs, "train.steps_per_epoch": config.train.steps_per_epoch,
+        "train.batch_size": config.train.batch_size, "train.checkpoint_every": config.train.checkpoint_every,
+        "train.log_every": config.train.log_every, "train.lr": config.train.lr,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise XMorpherError(f"config key '{key}' must be positive, got {value}")
+    if config.data.source == "nifti" and not config.data.pairs_file:
+        raise XMorpherError("data.source = 'nifti' needs data.pairs_file (a pairs CSV or a Learn2Reg JSON)")
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(tables: dict) -> Config:
+    """A Config from `to_dict` output (e.g. stored in a checkpoint), checked like a file."""
+    config = _merge(Config(), tables, "")
+    validate(config)
+    return config
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def to_toml(tables: dict, prefix: str = "") -> str:
+    """Write nested dicts of scalars and lists as TOML (tables after their plain keys)."""
+    plain = [f"{key} = {_toml_value(value)}" for key, value in tables.items() if not isinstance(value, dict)]
+    text = "\n".join(plain) + ("\n" if plain else "")
+    for key, value in tables.items():
+        if isinstance(value, dict):
+            name = f"{prefix}{key}"
+            text += f"\n[{name}]\n" + to_toml(value, name + ".")
+    return text

@@ -1,0 +1,377 @@
+"""Training loop: unsupervised (similarity + lambda * diffusion) or semi-supervised (+ Dice) registration.
+
+One process or many (torchrun: NCCL on GPUs, gloo on CPUs). Resumable exactly: the order of
+training pairs is a function of (seed, epoch), the pairs themselves of their index, and checkpoints
+carry the model, optimizer, scheduler, grad scaler, step counters and every rank's RNG states. A
+killed run loses at most `train.checkpoint_every` steps.
+
+Files in the output folder: config.toml, last.pt (every checkpoint_every steps and at each epoch
+end), best.pt (best validation score), log.csv, and tensorboard/ when TensorBoard is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Sampler
+
+from .checkpoint import (
+    atomic_save,
+    build_model_from_config,
+    config_of,
+    load_checkpoint,
+    load_model_state,
+    make_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from .config import Config, TrainConfig, to_dict, to_toml
+from .data.datasets import make_dataset
+from .errors import XMorpherError
+from .framework import dice_loss, dice_per_label, diffusion_loss, mse_loss, ncc_loss, warp, warp_labels
+
+LOG_FIELDS = ("step", "epoch", "loss", "similarity", "diffusion", "dice_loss", "lr", "pairs_per_s", "val_dice", "val_similarity")
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in the job: rank 0 of 1 when not launched by torchrun."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+class PairSampler(Sampler):
+    """The training pairs of one epoch for one rank, from a given step on.
+
+    The epoch's order is a permutation seeded by (seed, epoch), repeated with fresh seeds when an
+    epoch needs more pairs than the dataset holds. Step s uses global positions
+    [s * G, (s + 1) * G) with G = batch * world; rank r takes its batch-sized slice of them, so one
+    process with batch 2 sees exactly the pairs of two processes with batch 1.
+    """
+
+    def __init__(self, size: int, steps: int, batch: int, dist_info: Distributed, seed: int, epoch: int, start_step: int = 0):
+        self.size, self.steps, self.batch = size, steps, batch
+        self.dist, self.seed, self.epoch, self.start_step = dist_info, seed, epoch, start_step
+
+    def _order(self) -> torch.Tensor:
+        needed = self.steps * self.batch * self.dist.world
+        rounds = []
+        for repeat in range(math.ceil(needed / self.size)):
+            seed = np.random.SeedSequence([self.seed, self.epoch, repeat]).generate_state(1)[0]
+            generator = torch.Generator().manual_seed(int(seed))
+            rounds.append(torch.randperm(self.size, generator=generator))
+        return torch.cat(rounds)[:needed]
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._order()
+        global_batch = self.batch * self.dist.world
+        for step in range(self.start_step, self.steps):
+            first = step * global_batch + self.dist.rank * self.batch
+            yield from order[first : first + self.batch].tolist()
+
+    def __len__(self) -> int:
+        return (self.steps - self.start_step) * self.batch
+
+
+def init_distributed() -> Distributed:
+    """Join the torchrun job described by the environment, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, dist_info: Distributed) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise XMorpherError(f"device '{name}' requested but CUDA is not available")
+    return device
+
+
+def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """Mixed precision on CUDA only: bf16 where supported, else fp16 (with a grad scaler)."""
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def one_hot(labels: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, 1, D, H, W) integer labels -> (B, count, D, H, W) float maps."""
+    return F.one_hot(labels[:, 0].clamp_max(count - 1), count).permute(0, 4, 1, 2, 3).float()
+
+
+def similarity_loss(train: TrainConfig, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+    """The configured image similarity loss (lower is better)."""
+    if train.similarity == "ncc":
+        return ncc_loss(fixed, warped, window=train.ncc_window)
+    return mse_loss(fixed, warped)
+
+
+def registration_losses(train: TrainConfig, batch: dict, flow: torch.Tensor, num_labels: Optional[int]) -> dict:
+    """The loss terms of one batch; `loss` is their weighted sum."""
+    flow = flow.float()
+    similarity = similarity_loss(train, batch["fixed"], warp(batch["moving"], flow))
+    diffusion = diffusion_loss(flow)
+    terms = {"similarity": similarity, "diffusion": diffusion, "loss": similarity + train.diffusion_weight * diffusion}
+    if train.mode == "semi-supervised":
+        if "moving_labels" not in batch:
+            raise XMorpherError("train.mode = 'semi-supervised' needs label maps for the training pairs")
+        count = num_labels or int(max(batch["moving_labels"].max(), batch["fixed_labels"].max())) + 1
+        warped_labels = warp(one_hot(batch["moving_labels"], count), flow)
+        # the background channel is left out: it would dominate the score
+        dice = dice_loss(warped_labels[:, 1:], one_hot(batch["fixed_labels"], count)[:, 1:])
+        terms["dice_loss"] = dice
+        terms["loss"] = terms["loss"] + train.dice_weight * dice
+    return terms
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
+@torch.no_grad()
+def validate(model, config: Config, dataset, device, dist_info: Distributed, autocast: Optional[torch.dtype]) -> dict:
+    """Mean Dice over labels and pairs (NaN without labels) and mean similarity loss on the val split,
+    each rank scoring every world-th pair."""
+    model.eval()
+    count = len(dataset) if config.train.val_pairs <= 0 else min(config.train.val_pairs, len(dataset))
+    totals = torch.zeros(4, dtype=torch.float64)  # dice sum, dice count, similarity sum, pairs
+    for index in range(dist_info.rank, count, dist_info.world):
+        item = to_device(torch.utils.data.default_collate([dataset[index]]), device)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            flow = model(item["moving"], item["fixed"]).float()
+        totals[2] += float(similarity_loss(config.train, item["fixed"], warp(item["moving"], flow)))
+        totals[3] += 1
+        if "moving_labels" in item:
+            warped = warp_labels(item["moving_labels"], flow, mode="nearest")
+            scores = dice_per_label(warped, item["fixed_labels"])
+            totals[0] += float(scores.nanmean())
+            totals[1] += 1
+    if dist_info.world > 1:
+        dist.all_reduce(totals)
+    model.train()
+    dice = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+    return {"val_dice": dice, "val_similarity": float(totals[2] / max(float(totals[3]), 1.0))}
+
+
+def make_scheduler(optimizer, config: Config):
+    total = config.train.epochs * config.train.steps_per_epoch
+    if config.train.scheduler == "cosine":
+        factor = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
+    else:
+        factor = lambda step: 1.0  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class CsvLog:
+    """Append-only CSV of training rows; on resume, rows written after the checkpoint are dropped so
+    that the log matches the resumed run exactly."""
+
+    def __init__(self, path: str, keep_up_to_step: Optional[int]) -> None:
+        self.path = path
+        rows = []
+        if keep_up_to_step is not None and os.path.isfile(path):
+            with open(path, newline="") as handle:
+                rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= keep_up_to_step]
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, LOG_FIELDS).writerow({key: row.get(key, "") for key in LOG_FIELDS})
+
+
+def _tensorboard(out_dir: str):
+    """A SummaryWriter when TensorBoard is installed; None otherwise (it is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+
+def _progress(total: int, initial: int, enabled: bool, description: str):
+    from tqdm import tqdm
+
+    # redrawn in place on a terminal; into a log file, one line every half minute is plenty
+    interval = 0.1 if sys.stderr.isatty() else 30.0
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=description, unit="step", mininterval=interval, leave=True)
+
+
+def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool = True) -> dict:
+    """Train `config.model` on `config.data` into `out_dir`; returns the final summary (rank 0's view).
+
+    With `resume`, continue the run in `out_dir` from its last.pt exactly where it stopped (the
+    checkpoint's config is used). Without it, `out_dir` must not hold a run already.
+    """
+    dist_info = init_distributed()
+    last_path, best_path = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "best.pt")
+    payload = None
+    if resume:
+        if not os.path.isfile(last_path):
+            raise XMorpherError(f"nothing to resume: {last_path} does not exist")
+        payload = load_checkpoint(last_path)
+        config = config_of(payload, last_path)
+    elif os.path.exists(last_path):
+        raise XMorpherError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+    if dist_info.main:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.toml"), "w") as handle:
+            handle.write(to_toml(to_dict(config)))
+
+    device = resolve_device(config.train.device, dist_info)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives use the current device
+    if config.train.threads > 0:
+        torch.set_num_threads(config.train.threads)
+    torch.manual_seed(config.train.seed)
+    model = build_model_from_config(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+    scheduler = make_scheduler(optimizer, config)
+    autocast = autocast_dtype(config.train.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
+
+    train_set, val_set = make_dataset(config.data, "train"), make_dataset(config.data, "val")
+    num_labels = len(train_set.label_names) if getattr(train_set, "label_names", None) else None
+
+    step, best = 0, {"score": -math.inf, "step": 0}
+    if payload is not None:
+        load_model_state(model, payload["model"], last_path)
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        if payload["scaler"]:
+            scaler.load_state_dict(payload["scaler"])
+        step, best = payload["step"], payload["best"]
+        rng_states = payload["rng"]
+        if len(rng_states) != dist_info.world and dist_info.main:
+            print(f"warning: resuming a {len(rng_states)}-process run with {dist_info.world} processes; not bit-exact", file=sys.stderr)
+        set_rng_state(rng_states[dist_info.rank % len(rng_states)])
+
+    network = model
+    if dist_info.world > 1:
+        network = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    network.train()
+
+    log = CsvLog(os.path.join(out_dir, "log.csv"), step if resume else None) if dist_info.main else None
+    board = _tensorboard(out_dir) if dist_info.main else None
+
+    def checkpoint(path: str, at_step: int) -> None:
+        # every rank's RNG state goes into the file: a collective, so all ranks call this together
+        states = [None] * dist_info.world
+        if dist_info.world > 1:
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        if dist_info.main:
+            atomic_save(
+                make_checkpoint(
+                    config, model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    scaler=scaler.state_dict() if scaler.is_enabled() else None, step=at_step, best=best, rng=states,
+                    label_names=list(getattr(train_set, "label_names", None) or []),
+                ),
+                path,
+            )
+
+    steps_per_epoch, epochs = config.train.steps_per_epoch, config.train.epochs
+    pairs_per_step = config.train.batch_size * dist_info.world
+    bar = _progress(epochs * steps_per_epoch, step, progress and dist_info.main, f"train {config.model.name}")
+    summary: dict = {"step": step}
+    throughput = None
+    try:
+        while step < epochs * steps_per_epoch:
+            epoch, start = divmod(step, steps_per_epoch)
+            sampler = PairSampler(len(train_set), steps_per_epoch, config.train.batch_size, dist_info, config.train.seed, epoch, start)
+            # its own generator: a loader otherwise draws its workers' base seed from the global torch
+            # RNG, which would make a resumed epoch (a new loader mid-epoch) diverge from an uninterrupted one
+            loader = DataLoader(
+                train_set, batch_size=config.train.batch_size, sampler=sampler, num_workers=config.train.num_workers,
+                pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.train.seed + epoch),
+            )
+            tick = time.perf_counter()
+            for batch in loader:
+                batch = to_device(batch, device)
+                with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                    flow = network(batch["moving"], batch["fixed"])
+                terms = registration_losses(config.train, batch, flow, num_labels)
+                if not torch.isfinite(terms["loss"]):
+                    raise XMorpherError(f"the loss became {float(terms['loss'])} at step {step + 1}; lower train.lr or check the data")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(terms["loss"]).backward()
+                if config.train.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                now = time.perf_counter()
+                rate = pairs_per_step / max(now - tick, 1e-9)
+                throughput = rate if throughput is None else 0.9 * throughput + 0.1 * rate
+                tick = now
+                values = {key: float(value.detach()) for key, value in terms.items()}
+                bar.update(1)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", pairs_s=f"{throughput:.2f}", epoch=epoch + 1, refresh=False)
+                if log is not None and step % config.train.log_every == 0:
+                    row = {"step": step, "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "pairs_per_s": throughput, **values}
+                    log.write(row)
+                    if board is not None:
+                        for key, value in row.items():
+                            board.add_scalar(f"train/{key}", value, step)
+                end_of_epoch = step % steps_per_epoch == 0
+                if end_of_epoch:
+                    scores = validate(network.module if dist_info.world > 1 else network, config, val_set, device, dist_info, autocast)
+                    score = scores["val_dice"] if not math.isnan(scores["val_dice"]) else -scores["val_similarity"]
+                    if score > best["score"]:
+                        best = {"score": score, "step": step, **scores}
+                        checkpoint(best_path, step)
+                    summary = {"step": step, "epoch": epoch + 1, **scores, "best_step": best["step"]}
+                    if log is not None:
+                        log.write({"step": step, "epoch": epoch + 1, **scores})
+                        if board is not None:
+                            for key, value in scores.items():
+                                board.add_scalar(f"val/{key}", value, step)
+                    bar.write(
+                        f"epoch {epoch + 1}/{epochs}: val Dice {scores['val_dice']:.4f}, val similarity "
+                        f"{scores['val_similarity']:.4f} (best step {best['step']})"
+                    )
+                if end_of_epoch or step % config.train.checkpoint_every == 0:
+                    checkpoint(last_path, step)
+    finally:
+        bar.close()
+        if board is not None:
+            board.close()
+    summary.update({"best": best, "out_dir": out_dir})
+    return summary
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
