@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -45,6 +46,12 @@ def extensions():
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "cpu")]
     # -Wno-psabi: the kernels pass vectors only between always-inlined functions.
     cxx_flags = ["-O3", "-fno-math-errno", "-ffp-contract=fast", "-Wno-psabi"]
+    # at::parallel_for is inlined into our code: without -fopenmp its `omp parallel` is ignored and
+    # the kernels run on one thread. The libgomp it links is the one torch has already loaded.
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     with_cuda, reason = _cuda_available_for_build()
     if cuda_sources and with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -54,6 +61,7 @@ def extensions():
                 cxx_sources + cuda_sources,
                 include_dirs=include_dirs,
                 define_macros=[("XK_WITH_CUDA", "1")],
+                extra_link_args=link_flags,
                 extra_compile_args={
                     "cxx": cxx_flags,
                     "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
@@ -62,7 +70,15 @@ def extensions():
         ]
     if cuda_sources:
         print(f"xmorpher_kernels: building without CUDA kernels: {reason}")
-    return [CppExtension("xmorpher_kernels._C", cxx_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})]
+    return [
+        CppExtension(
+            "xmorpher_kernels._C",
+            cxx_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+        )
+    ]
 
 
 setup(
