@@ -1,4 +1,5 @@
-"""Shared test fixtures: fresh random seeds, reproducible through XK_TEST_SEED."""
+"""Shared test set-up: Triton's CPU interpreter on machines without a GPU, and fresh random
+seeds, reproducible through XK_TEST_SEED."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import random
 
 import pytest
 import torch
+
+# Triton decorates its own library when it is first imported, compiled or interpreted as
+# TRITON_INTERPRET says then; xmorpher_kernels imports it, so decide before any test module does.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
