@@ -11,11 +11,11 @@ python -m pip install --quiet --upgrade pip
 # torch first: the extension is built against it (--no-build-isolation below).
 python -m pip install --quiet "torch==2.14.1" setuptools wheel ninja
 python -m pip install --quiet --no-build-isolation ".[test]"
+cd "$(mktemp -d)"  # away from the source tree, which would shadow the installed package
 python - <<'PY'
 import torch, xmorpher_kernels
 print("torch", torch.__version__, "cuda build", torch.version.cuda)
 for name, status in xmorpher_kernels.available_backends().items():
     print(f"  backend {name}: {'available' if status.available else 'missing: ' + status.reason}")
 PY
-cd "$(mktemp -d)"
 python -m pytest "$root/tests" -q -p no:cacheprovider --durations=15 "$@"
