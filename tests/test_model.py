@@ -143,6 +143,23 @@ def test_cat_block_cpu_backend_equals_reference(border, dtype, generator):
         torch.testing.assert_close(fused_grad, reference_grad, **tol)
 
 
+@pytest.mark.parametrize("border", ["mask", "zeros-before-projection"])
+def test_cat_block_under_autocast(border, generator):
+    """Mixed precision: half-precision projections with fp32 bias parameters reach the op in one
+    dtype, and gradients still reach those fp32 parameters."""
+    block = CrossAttentionBlock(32, 2, rel_pos_bias=True, border=border, attention_backend="auto")
+    x = torch.randn(2, 4, 5, 3, 32, generator=generator)
+    context = torch.randn(2, 4, 5, 3, 32, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x, context)
+    assert torch.isfinite(out.float()).all()
+    out.float().square().sum().backward()
+    assert block.rel_pos_bias.grad is not None and block.rel_pos_bias.grad.dtype == torch.float32
+    assert torch.isfinite(block.rel_pos_bias.grad).all() and block.rel_pos_bias.grad.abs().sum() > 0
+    if border == "zeros-before-projection":
+        assert block.key_value.bias.grad.abs().sum() > 0
+
+
 def test_zeros_before_projection_equals_zero_padding_the_features(generator):
     """``border="zeros-before-projection"`` is the original design: zero-pad the (normalised)
     features, then project. Check against doing exactly that on a larger volume."""

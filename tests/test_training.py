@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -19,9 +20,14 @@ from xmorpher.cli import main
 from xmorpher.config import load_config
 from xmorpher.data import ShapesPairs, save_volume
 from xmorpher.registration import register
+import xmorpher
 from xmorpher.train import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Subprocesses import the very packages these tests imported (installed or a source tree given
+# by PYTHONPATH) and run away from the source tree, which would otherwise shadow them.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(xmorpher.__file__)))
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1",
+                  "PYTHONPATH": PACKAGE_PARENT + os.pathsep + os.environ.get("PYTHONPATH", "")}
 # 3 epochs x 4 steps, a checkpoint every 2 steps: a kill after the first checkpoint leaves work to
 # redo; stochastic depth draws from the torch RNG, so resuming must restore it too
 RUN = ["--config", "tiny", "--set", "train.epochs=3", "--set", "train.steps_per_epoch=4",
@@ -30,8 +36,8 @@ RUN = ["--config", "tiny", "--set", "train.epochs=3", "--set", "train.steps_per_
 
 def cli(*args, check=True, **kwargs):
     """`python -m xmorpher.cli ...` in a fresh interpreter, as a user runs it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run([sys.executable, "-m", "xmorpher.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT, **kwargs)
+    result = subprocess.run([sys.executable, "-m", "xmorpher.cli", *args], capture_output=True, text=True,
+                            env=SUBPROCESS_ENV, cwd=tempfile.gettempdir(), **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"xmorpher {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
@@ -55,10 +61,9 @@ def uninterrupted_run(tmp_path_factory):
 
 def test_killed_run_resumes_to_the_same_parameters_as_an_uninterrupted_one(uninterrupted_run, tmp_path):
     run_dir = str(tmp_path / "killed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     process = subprocess.Popen(
         [sys.executable, "-m", "xmorpher.cli", "train", *RUN, "--out", run_dir],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=tempfile.gettempdir(), env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     last = os.path.join(run_dir, "last.pt")
     deadline = time.time() + 120
@@ -200,11 +205,10 @@ def test_semi_supervised_training_logs_a_dice_term(tmp_path):
 
 def test_ddp_with_gloo_on_two_processes_matches_one_process_with_twice_the_batch(tmp_path):
     common = ["--config", "tiny", "--set", "train.epochs=1", "--set", "train.steps_per_epoch=3", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     distributed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "xmorpher.cli", "train", *common, "--out", str(tmp_path / "ddp")],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+        capture_output=True, text=True, env=SUBPROCESS_ENV, cwd=tempfile.gettempdir(), timeout=300,
     )
     assert distributed.returncode == 0, distributed.stderr[-3000:]
     cli("train", *common, "--set", "train.batch_size=2", "--out", str(tmp_path / "single"))

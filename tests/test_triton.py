@@ -11,6 +11,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -312,9 +313,15 @@ def test_aot_compile_every_config():
     if not _triton.kernels_interpreted():
         assert run_aot_compiles() > 0
         return
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    code = "import sys; sys.path.insert(0, 'tests'); import test_triton; print('compiled', test_triton.run_aot_compiles())"
-    result = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            env=env, capture_output=True, text=True, timeout=900)
+    # The same packages as this process (installed, or a source tree on PYTHONPATH), run away from
+    # the source tree so it cannot shadow them.
+    import xmorpher_kernels
+
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(xmorpher_kernels.__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=package_parent + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    code = f"import sys; sys.path.insert(0, {tests_dir!r}); import test_triton; print('compiled', test_triton.run_aot_compiles())"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tempfile.gettempdir(), env=env,
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
     assert "compiled" in result.stdout

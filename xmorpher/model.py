@@ -249,14 +249,17 @@ class CrossAttentionBlock(nn.Module):
             padding = "constant"
             bias = self.key_value.bias
             if bias is not None:
-                pad_key, pad_value = bias.view(2, heads, head_dim).unbind(0)
+                pad_key, pad_value = bias.to(query.dtype).view(2, heads, head_dim).unbind(0)
+        # Under autocast the projections come out in half precision while parameters stay fp32;
+        # the op wants one dtype (the casts are differentiable, so gradients reach the parameters).
+        rel_pos_bias = None if self.rel_pos_bias is None else self.rel_pos_bias.to(query.dtype)
         out = window_cross_attention(
             query.unflatten(-1, (heads, head_dim)),
             key.unflatten(-1, (heads, head_dim)),
             value.unflatten(-1, (heads, head_dim)),
             self.window_size,
             self.search_size,
-            rel_pos_bias=self.rel_pos_bias,
+            rel_pos_bias=rel_pos_bias,
             padding=padding,
             pad_key=pad_key,
             pad_value=pad_value,

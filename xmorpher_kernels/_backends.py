@@ -27,7 +27,7 @@ class Backend:
     """
 
     name: str
-    devices: Tuple[str, ...]
+    devices: Tuple[str, ...]  # device types, or ("any",)
     dtypes: Tuple[torch.dtype, ...]
     run: Callable[[AttentionArgs], torch.Tensor]
     unavailable: Callable[[], Optional[str]] = lambda: None
@@ -36,13 +36,18 @@ class Backend:
     # interpreter runs when named but is far too slow to be chosen automatically.
     auto_devices: Optional[Tuple[str, ...]] = None
 
+    def runs_on(self, device: str, auto: bool = False) -> bool:
+        """Whether it takes tensors of this device type (when picked by "auto", if ``auto``)."""
+        devices = self.auto_devices if auto and self.auto_devices is not None else self.devices
+        return "any" in devices or device in devices
+
     def why_not(self, args: AttentionArgs) -> Optional[str]:
         """None when this backend can run the call, else the reason it cannot."""
         reason = self.unavailable()
         if reason is not None:
             return reason
         device = args.query.device.type
-        if device not in self.devices:
+        if not self.runs_on(device):
             return f"it runs on {'/'.join(self.devices)} tensors, got {device}"
         if args.query.dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
@@ -98,7 +103,7 @@ def select_backend(name: str, args: AttentionArgs) -> Backend:
     device = args.query.device.type
     for candidate in backend_names():
         backend = _REGISTRY[candidate]
-        if device in (backend.auto_devices or backend.devices) and backend.why_not(args) is None:
+        if backend.runs_on(device, auto=True) and backend.why_not(args) is None:
             return backend
     raise ValueError("no backend can run this call")  # unreachable: the reference runs everywhere
 
@@ -118,7 +123,7 @@ def _cuda_unavailable() -> Optional[str]:
 register_backend(
     Backend(
         name="reference",
-        devices=("cpu", "cuda"),
+        devices=("any",),
         dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
         run=reference_window_cross_attention,
     )

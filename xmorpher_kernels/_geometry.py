@@ -45,15 +45,3 @@ class WindowGeometry:
     @property
     def keys_per_box(self) -> int:
         return math.prod(self.search)
-
-    @property
-    def color_period(self) -> Triple:
-        """Windows this far apart on an axis have disjoint key boxes: ``ceil(s / w)``."""
-        return tuple(math.ceil(s / w) for s, w in zip(self.search, self.window))  # type: ignore[return-value]
-
-    def key_box(self, window_index: Sequence[int]) -> Tuple[Tuple[int, int], ...]:
-        """Half-open key box ``[start, stop)`` per axis for the base window at ``window_index``."""
-        return tuple(
-            (n * w - l, n * w - l + s)
-            for n, w, l, s in zip(window_index, self.window, self.left, self.search)
-        )

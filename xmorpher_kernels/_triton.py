@@ -163,6 +163,8 @@ def triton_refuses(args: AttentionArgs) -> Optional[str]:
         return f"head_dim must be <= {MAX_HEAD_DIM}, got {args.head_dim}"
     if args.query.shape[0] > 65535:
         return f"the batch size must be <= 65535 (a grid axis), got {args.query.shape[0]}"
+    if args.heads > 65535:
+        return f"heads must be <= 65535 (a grid axis), got {args.heads}"
     if args.query.device.type == "cpu" and not kernels_interpreted():
         return "Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1 before the first Triton call)"
     return None

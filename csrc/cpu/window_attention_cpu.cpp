@@ -176,8 +176,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor lse = lse_in.contiguous();
   TORCH_CHECK(grad_out.sizes() == query.sizes() && out.sizes() == query.sizes(),
               "window_attention_backward: grad_out and out must have the shape of query");
-  TORCH_CHECK(lse.scalar_type() == accumulation_type(query.scalar_type()),
-              "window_attention_backward: lse has the wrong dtype");
+  TORCH_CHECK(lse.scalar_type() == accumulation_type(query.scalar_type()) &&
+                  lse.sizes() == at::IntArrayRef({query.size(0), query.size(4), query.size(1), query.size(2), query.size(3)}),
+              "window_attention_backward: lse must be (B, heads, D, H, W) in the accumulation type");
   const auto acc_type = accumulation_type(query.scalar_type());
   const bool same_type = acc_type == query.scalar_type();
   const auto contiguous = query.options().memory_format(at::MemoryFormat::Contiguous);

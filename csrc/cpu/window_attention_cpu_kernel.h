@@ -171,7 +171,6 @@ void gather_window(const AttentionParams<scalar_t, acc_t>& p, int64_t b, int64_t
                    int64_t wx, WindowTiles<acc_t>& t) {
   const WindowGeometry& g = p.geometry;
   const int64_t hd = p.head_dim;
-  const int64_t eh = bias_extent(g, 1), ew = bias_extent(g, 2);
   const int64_t plane = g.volume[1] * g.volume[2];
   const int64_t oz = window_origin(g, 0, wz), oy = window_origin(g, 1, wy), ox = window_origin(g, 2, wx);
 
@@ -180,14 +179,13 @@ void gather_window(const AttentionParams<scalar_t, acc_t>& p, int64_t b, int64_t
     for (int64_t ay = 0; ay < g.window[1] && oy + ay < g.volume[1]; ++ay)
       for (int64_t ax = 0; ax < g.window[2] && ox + ax < g.volume[2]; ++ax) {
         t.query_pos[nq] = (oz + az) * plane + (oy + ay) * g.volume[2] + (ox + ax);
-        t.query_bias[nq] = (az * eh + ay) * ew + ax;
+        t.query_bias[nq] = bias_query_part(g, az, ay, ax);
         ++nq;
       }
   t.num_queries = nq;
 
   const bool constant_padding = p.pad_key != nullptr;
   const int64_t bz = key_box_start(g, 0, wz), by = key_box_start(g, 1, wy), bx = key_box_start(g, 2, wx);
-  const int64_t bias_origin = ((g.window[0] - 1) * eh + (g.window[1] - 1)) * ew + (g.window[2] - 1);
   int64_t nk = 0;
   for (int64_t tz = 0; tz < g.search[0]; ++tz) {
     const int64_t z = bz + tz;
@@ -206,7 +204,7 @@ void gather_window(const AttentionParams<scalar_t, acc_t>& p, int64_t b, int64_t
         t.key_rows[nk] = as_acc_rows(k_src, t.k + nk * hd, hd);
         t.value_rows[nk] = as_acc_rows(v_src, t.v + nk * hd, hd);
         t.key_pos[nk] = in ? z * plane + y * g.volume[2] + x : -1;
-        t.key_bias[nk] = (tz * eh + ty) * ew + tx + bias_origin;
+        t.key_bias[nk] = bias_key_part(g, tz, ty, tx);
         ++nk;
       }
     }

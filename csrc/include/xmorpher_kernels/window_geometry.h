@@ -74,19 +74,15 @@ XK_HOST_DEVICE int64_t windows_of_color(const WindowGeometry& g, int axis, int64
   return color < n ? ceil_div(n - color, color_period(g, axis)) : 0;
 }
 
-// Flat index into one head's (Ed, Eh, Ew) bias for key `key_in_box` of a box and query
-// `query_in_window` of its window, by bias_axis_index() on each axis. It splits as
-// bias_key_part(key) - bias_query_part(query), so kernels can tabulate the two parts apart.
+// Flat index into one head's (Ed, Eh, Ew) bias for key (tz, ty, tx) of a box and query
+// (az, ay, ax) of its window, by bias_axis_index() on each axis: it splits as
+// bias_key_part(key) - bias_query_part(query), so kernels tabulate the two parts apart.
 XK_HOST_DEVICE int64_t bias_key_part(const WindowGeometry& g, int64_t tz, int64_t ty, int64_t tx) {
   return (bias_axis_index(g, 0, tz, 0) * bias_extent(g, 1) + bias_axis_index(g, 1, ty, 0)) * bias_extent(g, 2) +
          bias_axis_index(g, 2, tx, 0);
 }
 XK_HOST_DEVICE int64_t bias_query_part(const WindowGeometry& g, int64_t az, int64_t ay, int64_t ax) {
   return (az * bias_extent(g, 1) + ay) * bias_extent(g, 2) + ax;
-}
-XK_HOST_DEVICE int64_t bias_flat_index(const WindowGeometry& g, int64_t tz, int64_t ty, int64_t tx, int64_t az,
-                                       int64_t ay, int64_t ax) {
-  return bias_key_part(g, tz, ty, tx) - bias_query_part(g, az, ay, ax);
 }
 
 XK_HOST_DEVICE int64_t floor_div(int64_t a, int64_t b) {  // b > 0
