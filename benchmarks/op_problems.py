@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Tuple
 
@@ -97,7 +98,14 @@ def measure_in_subprocess(stage: str, backend: str, mode: str) -> int:
         "call = run_op(STAGES[%r], %r, %r)\n"
         "print(json.dumps(peak_additional_bytes(call)))\n"
     ) % (os.path.dirname(os.path.abspath(__file__)), stage, backend, mode)
+    import xmorpher_kernels
+
+    # The same xmorpher_kernels as this process, run away from a source tree that could shadow it.
     # A fixed mmap threshold makes glibc return every block >= 64 KiB to the system when freed.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env).stdout
-    return int(json.loads(output.strip().splitlines()[-1]))
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(xmorpher_kernels.__file__)))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",
+               PYTHONPATH=package_parent + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
+    if result.returncode != 0:
+        raise RuntimeError(f"memory measurement of {backend} {mode} at {stage} failed:\n{result.stderr[-3000:]}")
+    return int(json.loads(result.stdout.strip().splitlines()[-1]))
