@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ._checks import AttentionArgs
+from ._op_glue import call_forward_op, register_window_attention_autograd
 
 try:
     from . import _C  # noqa: F401  (registers the ops)
@@ -56,53 +57,9 @@ if HAS_NATIVE:
             empty if pad_value is None else pad_value.new_empty(pad_value.shape),
         )
 
-    def _setup_context(ctx, inputs, output):
-        query, key, value, window_size, search_size, scale, rel_pos_bias, pad_key, pad_value = inputs
-        out, lse = output
-        ctx.save_for_backward(query, key, value, out, lse, rel_pos_bias, pad_key, pad_value)
-        ctx.window_size, ctx.search_size, ctx.scale = window_size, search_size, scale
-        ctx.mark_non_differentiable(lse)
-
-    def _backward(ctx, grad_out, _grad_lse):
-        query, key, value, out, lse, rel_pos_bias, pad_key, pad_value = ctx.saved_tensors
-        grads = _backward_op(
-            grad_out, query, key, value, out, lse, ctx.window_size, ctx.search_size, ctx.scale,
-            rel_pos_bias, pad_key, pad_value,
-        )
-        grad_query, grad_key, grad_value, grad_bias, grad_pad_key, grad_pad_value = grads
-        return (
-            grad_query,
-            grad_key,
-            grad_value,
-            None,
-            None,
-            None,
-            grad_bias if rel_pos_bias is not None else None,
-            grad_pad_key if pad_key is not None else None,
-            grad_pad_value if pad_value is not None else None,
-        )
-
-    torch.library.register_autograd(
-        "xmorpher_kernels::window_attention_forward", _backward, setup_context=_setup_context
-    )
+    register_window_attention_autograd("xmorpher_kernels::window_attention_forward", _backward_op)
 
 
 def native_window_attention(args: AttentionArgs) -> torch.Tensor:
     """Run the native op (CPU or CUDA kernels, by the tensors' device) on validated arguments."""
-    pad_key, pad_value = args.pad_key, args.pad_value
-    if args.padding == "constant":
-        zeros = args.query.new_zeros((args.heads, args.head_dim))
-        pad_key = zeros if pad_key is None else pad_key
-        pad_value = zeros if pad_value is None else pad_value
-    out, _ = _forward_op(
-        args.query,
-        args.key,
-        args.value,
-        list(args.geometry.window),
-        list(args.geometry.search),
-        args.scale,
-        args.rel_pos_bias,
-        pad_key,
-        pad_value,
-    )
-    return out
+    return call_forward_op(_forward_op, args)

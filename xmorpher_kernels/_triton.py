@@ -17,6 +17,7 @@ import torch
 
 from ._checks import AttentionArgs
 from ._geometry import WindowGeometry
+from ._op_glue import call_forward_op, register_window_attention_autograd
 
 try:
     import triton
@@ -120,33 +121,10 @@ if HAS_TRITON:
 
         return like(query), like(query), like(query), like(rel_pos_bias), like(pad_key), like(pad_value)
 
-    def _setup_context(ctx, inputs, output):
-        query, key, value, window_size, search_size, scale, rel_pos_bias, pad_key, pad_value = inputs
-        out, lse = output
-        ctx.save_for_backward(query, key, value, out, lse, rel_pos_bias, pad_key, pad_value)
-        ctx.window_size, ctx.search_size, ctx.scale = window_size, search_size, scale
-        ctx.mark_non_differentiable(lse)
+    def _backward(*args):
+        return triton_window_attention_backward(*args, torch.are_deterministic_algorithms_enabled())
 
-    def _backward(ctx, grad_out, _grad_lse):
-        query, key, value, out, lse, rel_pos_bias, pad_key, pad_value = ctx.saved_tensors
-        grads = triton_window_attention_backward(
-            grad_out, query, key, value, out, lse, ctx.window_size, ctx.search_size, ctx.scale,
-            rel_pos_bias, pad_key, pad_value, torch.are_deterministic_algorithms_enabled(),
-        )
-        grad_query, grad_key, grad_value, grad_bias, grad_pad_key, grad_pad_value = grads
-        return (
-            grad_query,
-            grad_key,
-            grad_value,
-            None,
-            None,
-            None,
-            grad_bias if rel_pos_bias is not None else None,
-            grad_pad_key if pad_key is not None else None,
-            grad_pad_value if pad_value is not None else None,
-        )
-
-    triton_window_attention_forward.register_autograd(_backward, setup_context=_setup_context)
+    register_window_attention_autograd("xmorpher_kernels::triton_window_attention_forward", _backward)
 
 
 # Devices the backend claims: CPU tensors only when the interpreter is on as the package loads.
@@ -172,20 +150,4 @@ def triton_refuses(args: AttentionArgs) -> Optional[str]:
 
 def triton_window_attention(args: AttentionArgs) -> torch.Tensor:
     """Run the Triton custom op on validated arguments."""
-    pad_key, pad_value = args.pad_key, args.pad_value
-    if args.padding == "constant":
-        zeros = args.query.new_zeros((args.heads, args.head_dim))
-        pad_key = zeros if pad_key is None else pad_key
-        pad_value = zeros if pad_value is None else pad_value
-    out, _ = torch.ops.xmorpher_kernels.triton_window_attention_forward(
-        args.query,
-        args.key,
-        args.value,
-        list(args.geometry.window),
-        list(args.geometry.search),
-        args.scale,
-        args.rel_pos_bias,
-        pad_key,
-        pad_value,
-    )
-    return out
+    return call_forward_op(torch.ops.xmorpher_kernels.triton_window_attention_forward, args)
