@@ -52,6 +52,22 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _tile_origin(
+    tile, row_blocks, packs_x, windows_y,
+    WZ: tl.constexpr, WY: tl.constexpr, WX: tl.constexpr, PACK: tl.constexpr,
+):
+    # A program's tile index -> (row block, voxel origin of its first base window); tiles run
+    # x-pack fastest after the row blocks, then y, then z.
+    row_block = tile % row_blocks
+    rest = tile // row_blocks
+    pack = rest % packs_x
+    rest = rest // packs_x
+    wy = rest % windows_y
+    wz = rest // windows_y
+    return row_block, wz * WZ, wy * WY, pack * (PACK * WX)
+
+
+@triton.jit
 def _tile_rows(
     row_block, z0, y0, x0, D, H, W,
     WZ: tl.constexpr, WY: tl.constexpr, WX: tl.constexpr,
@@ -253,15 +269,7 @@ def _forward_kernel(
     tile = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    row_block = tile % row_blocks
-    rest = tile // row_blocks
-    pack = rest % packs_x
-    rest = rest // packs_x
-    wy = rest % windows_y
-    wz = rest // windows_y
-    z0 = wz * WZ
-    y0 = wy * WY
-    x0 = pack * (PACK * WX)
+    row_block, z0, y0, x0 = _tile_origin(tile, row_blocks, packs_x, windows_y, WZ, WY, WX, PACK)
 
     dims = tl.arange(0, HEAD_DIM_PAD)
     qz, qy, qx, window_x, row_valid = _tile_rows(row_block, z0, y0, x0, D, H, W, WZ, WY, WX, PACK, BLOCK_Q)
@@ -446,15 +454,7 @@ def _backward_key_kernel(
     tile = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    row_block = tile % row_blocks
-    rest = tile // row_blocks
-    pack = rest % packs_x
-    rest = rest // packs_x
-    wy = rest % windows_y
-    wz = rest // windows_y
-    z0 = wz * WZ
-    y0 = wy * WY
-    x0 = pack * (PACK * WX)
+    row_block, z0, y0, x0 = _tile_origin(tile, row_blocks, packs_x, windows_y, WZ, WY, WX, PACK)
 
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_ok = dims < head_dim
@@ -471,7 +471,7 @@ def _backward_key_kernel(
     RX: tl.constexpr = CX * WX
     REGION: tl.constexpr = CZ * WZ * RY * RX
     for start in range(0, REGION, BLOCK_K):
-        qz, qy, qx, _in_region, q_inside = _box_columns(start, (wz + LO_Z) * WZ, (wy + LO_Y) * WY, (pack * PACK + LO_X) * WX,
+        qz, qy, qx, _in_region, q_inside = _box_columns(start, z0 + LO_Z * WZ, y0 + LO_Y * WY, x0 + LO_X * WX,
                                                D, H, W, RY, RX, REGION, BLOCK_K)
         # Origin of each query's base window (only meaningful where q_inside, i.e. q >= 0).
         oz = (qz // WZ) * WZ
