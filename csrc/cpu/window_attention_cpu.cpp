@@ -99,10 +99,6 @@ void run_backward(const AttentionParams<scalar_t, acc_t>& p, int64_t color, int6
 template <typename T> struct Storage { using type = T; };
 template <> struct Storage<at::BFloat16> { using type = uint16_t; };
 
-TokenStrides token_strides(const at::Tensor& t) {
-  return TokenStrides{t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
-}
-
 template <typename scalar_t, typename acc_t, typename at_t>
 AttentionParams<scalar_t, acc_t> make_params(const at::Tensor& query, const at::Tensor& key,
                                              const at::Tensor& value, const WindowGeometry& geometry,

@@ -35,10 +35,6 @@ void dispatch_dtype(at::ScalarType dtype, const char* op, F&& f) {
   }
 }
 
-TokenStrides token_strides(const at::Tensor& t) {
-  return TokenStrides{t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
-}
-
 OpInputs check_cuda_inputs(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                            at::IntArrayRef window_size, at::IntArrayRef search_size,
                            const c10::optional<at::Tensor>& rel_pos_bias, const c10::optional<at::Tensor>& pad_key,

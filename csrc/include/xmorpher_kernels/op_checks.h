@@ -8,6 +8,7 @@
 
 #include <initializer_list>
 
+#include "xmorpher_kernels/attention_params.h"
 #include "xmorpher_kernels/window_geometry.h"
 
 namespace xmorpher_kernels {
@@ -15,6 +16,11 @@ namespace xmorpher_kernels {
 // Kernels read token rows with unit stride; other strides are free.
 inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
   return t.stride(-1) == 1 || t.size(-1) == 1 ? t : t.contiguous();
+}
+
+// Element strides of a (B, D, H, W, heads, head_dim) tensor for the kernels' params.
+inline TokenStrides token_strides(const at::Tensor& t) {
+  return TokenStrides{t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
 }
 
 struct OpInputs {
