@@ -188,6 +188,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip FlexAttention (its compile is slow) past this")
+    parser.add_argument("--profile", metavar="PATH", help="also write a per-kernel CUDA time table of the fused "
+                        "backends (first stage, bf16, forward+backward) to PATH")
     args = parser.parse_args()
     started = time.time()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -201,6 +203,7 @@ def main() -> None:
         backends["triton (deterministic)"] = (op_runner("triton"), True)
     if built["cuda"].available:
         backends["cuda"] = (op_runner("cuda"), False)
+        backends["cuda (deterministic)"] = (op_runner("cuda"), True)
 
     rows: List[Row] = []
     for stage, shape in STAGES.items():
@@ -260,6 +263,41 @@ def main() -> None:
     with open(path, "w") as f:
         f.write(report + "\n")
     print(f"\nwritten to {path}")
+    if args.profile:
+        write_kernel_profile(args.profile, [name for name in backends if name != "reference"])
+
+
+def write_kernel_profile(path: str, names: List[str]) -> None:
+    """Where each fused backend's forward+backward time goes, kernel by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    stage, shape = next(iter(STAGES.items()))
+    sections = []
+    for name in names:
+        run = op_runner(name.split(" ")[0])
+        deterministic = "deterministic" in name
+        measure(name, run, shape, torch.bfloat16, deterministic)  # warm-up and compile
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+                   for _ in range(3))
+        extent = SEARCH + WINDOW - 1
+        bias = torch.zeros(shape[4], extent, extent, extent, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    run(q, k, v, bias).sum().backward()
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70)
+        except Exception as error:
+            table = f"{type(error).__name__}: {error}"
+        finally:
+            torch.use_deterministic_algorithms(previous)
+        sections.append(f"== {name}, {stage}, bf16, 5 x forward+backward\n{table}")
+    with open(path, "w") as f:
+        f.write("\n\n".join(sections) + "\n")
+    print(f"kernel profile written to {path}")
 
 
 def _triton_version() -> str:

@@ -101,6 +101,7 @@ def test_extension_has_cubins_with_tensor_cores():
             [tool, "--gpu-architecture", arch, "--dump-sass", so_path], capture_output=True, text=True, check=True
         ).stdout
         assert "forward_mma_kernel" in sass, f"no tensor-core forward kernel in the {arch} cubin"
+        assert "backward_mma_kernel" in sass, f"no tensor-core backward kernel in the {arch} cubin"
         assert "HMMA" in sass, f"the {arch} cubin has no tensor-core (HMMA) instruction"
 
 
@@ -210,6 +211,26 @@ def test_deterministic_backward_is_bitwise_repeatable(deterministic, dtype, padd
         again = _grads(problem, grad_out)
         for a, b in zip(first, again):
             assert torch.equal(a, b), "deterministic mode is not bitwise repeatable"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("padding", ["mask", "constant"])
+def test_gradients_scale_exactly_with_grad_out(deterministic, dtype, padding):
+    # Every gradient is linear in grad_out and a power-of-two scale is exact in floating point,
+    # so gradients of a tiny grad_out (bf16 training without loss scaling) must be the large
+    # ones scaled: the bias and pad sums (fixed point in the tensor-core backward, with a unit
+    # chosen per call) must not lose the small terms.
+    problem = _problem((2, 5, 6, 7, 2, 16), dtype=dtype, padding=padding, bias=True)
+    grad_out = torch.randn(problem.query.shape, generator=torch.Generator().manual_seed(5)).to(
+        dtype=dtype, device="cuda"
+    )
+    grad_scale = 2.0**-24
+    large = _grads(problem, grad_out)[1:]
+    small = _grads(problem, grad_out * grad_scale)[1:]
+    for name, a, b in zip(problem.tensors(), large, small):
+        assert a.abs().max() > 0, f"grad of {name} is zero: the test would prove nothing"
+        torch.testing.assert_close(b, a * grad_scale, rtol=1e-6, atol=0, msg=lambda m: f"grad of {name}: {m}")
 
 
 @needs_cuda

@@ -252,6 +252,27 @@ def test_auto_picks_the_fused_cpu_backend():
     assert select_backend("auto", args_half).name == "reference"  # no fused fp16 kernel on the CPU
 
 
+@pytest.mark.parametrize(
+    "dtype, head_dim, window, expected",
+    [
+        (torch.bfloat16, 16, 2, ["cuda", "triton"]),  # the tensor-core CUDA kernels
+        (torch.float16, 32, (2, 2, 2), ["cuda", "triton"]),
+        (torch.float32, 16, 2, ["triton", "cuda"]),  # generic CUDA kernels: Triton first
+        (torch.bfloat16, 24, 2, ["triton", "cuda"]),  # head_dim not a multiple of 16
+        (torch.bfloat16, 16, (3, 2, 2), ["triton", "cuda"]),  # 12 queries per window
+    ],
+    ids=str,
+)
+def test_auto_order_puts_cuda_generic_kernels_behind_triton(dtype, head_dim, window, expected):
+    from xmorpher_kernels._backends import auto_candidates
+    from xmorpher_kernels._checks import check_arguments
+
+    q = torch.zeros(1, 4, 4, 4, 1, head_dim, dtype=dtype, device="meta")
+    order = auto_candidates(check_arguments(q, q, q, window, None, None, None, "mask", None, None))
+    assert [name for name in order if name in ("cuda", "triton")] == expected
+    assert order[-1] == "reference"
+
+
 def test_available_backends_explain_themselves():
     statuses = available_backends()
     assert {"reference", "cpu", "cuda"} <= set(statuses)

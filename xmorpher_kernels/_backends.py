@@ -35,6 +35,9 @@ class Backend:
     # Devices on which backend="auto" may pick it (default: all of ``devices``); e.g. Triton's CPU
     # interpreter runs when named but is far too slow to be chosen automatically.
     auto_devices: Optional[Tuple[str, ...]] = None
+    # Why backend="auto" should try the other fused backends first for this call (a slower path
+    # of this one), or None. A demoted backend still comes before the reference.
+    auto_demotion: Callable[[AttentionArgs], Optional[str]] = field(default=lambda args: None)
 
     def runs_on(self, device: str, auto: bool = False) -> bool:
         """Whether it takes tensors of this device type (when picked by "auto", if ``auto``)."""
@@ -101,11 +104,19 @@ def select_backend(name: str, args: AttentionArgs) -> Backend:
             f"backend {name!r} cannot run this call: {reason}. Backends that can: {', '.join(capable)}"
         )
     device = args.query.device.type
-    for candidate in backend_names():
+    for candidate in auto_candidates(args):
         backend = _REGISTRY[candidate]
         if backend.runs_on(device, auto=True) and backend.why_not(args) is None:
             return backend
     raise ValueError("no backend can run this call")  # unreachable: the reference runs everywhere
+
+
+def auto_candidates(args: AttentionArgs) -> List[str]:
+    """Backends in the order backend="auto" tries them for this call: AUTO_ORDER, except that a
+    backend demoted for the call goes behind the other fused ones (the reference stays last)."""
+    fused = [name for name in backend_names() if name != "reference"]
+    ordered = sorted(fused, key=lambda name: _REGISTRY[name].auto_demotion(args) is not None)  # stable
+    return ordered + (["reference"] if "reference" in _REGISTRY else [])
 
 
 def _cpu_unavailable() -> Optional[str]:
@@ -145,6 +156,7 @@ register_backend(
         run=_native.native_window_attention,
         unavailable=_cuda_unavailable,
         refuses=lambda args: f"it supports head_dim <= 128, got {args.head_dim}" if args.head_dim > 128 else None,
+        auto_demotion=_native.cuda_without_tensor_cores,
     )
 )
 

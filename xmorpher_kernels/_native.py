@@ -28,6 +28,20 @@ except ImportError as error:  # built without the extension, or against another 
 HAS_CUDA_KERNELS = HAS_NATIVE and _C.compiled_with_cuda()
 
 
+def cuda_without_tensor_cores(args: AttentionArgs) -> Optional[str]:
+    """Why a call would take the CUDA backend's generic (CUDA-core) kernels, or None when its
+    tensor-core kernels (fp16/bf16, head_dim a multiple of 16, at most 8 queries per window) run
+    it. On an H200 the generic kernels are about 5x slower than Triton's (benchmarks/results/)."""
+    window = args.geometry.window
+    if args.query.dtype not in (torch.float16, torch.bfloat16):
+        return "fp32 runs on the generic CUDA kernels"
+    if args.head_dim % 16 != 0:
+        return "head_dim is not a multiple of 16"
+    if window[0] * window[1] * window[2] > 8:
+        return "windows of more than 8 queries"
+    return None
+
+
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     """The log-sum-exp the forward keeps is in the accumulation type."""
     return torch.float64 if dtype == torch.float64 else torch.float32

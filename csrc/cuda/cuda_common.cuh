@@ -1,5 +1,5 @@
 // Device helpers shared by the CUDA kernels of window cross attention: storage conversions for
-// fp32/fp16/bf16, warp reductions, the tensor-core instructions (mma.sync m16n8k16, movmatrix)
+// fp32/fp16/bf16, warp reductions, the tensor-core instructions (mma.sync m16n8k16 and m16n8k8, movmatrix)
 // and the host-side launch check that turns a CUDA error into a Python exception naming the
 // kernel.
 #pragma once
@@ -85,6 +85,34 @@ template <> struct Mma<__nv_bfloat16> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 };
+
+// D = A B + D for one m16n8k8 tile (k = 8: a window's queries), fp32 accumulation:
+//   A (16 x 8): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..);  B (8 x 8): b0 = (k 2t..2t+1, n g);  C as above.
+// A's layout is C's: an m16n8k16 result (keys x queries) packs straight into it.
+template <typename T> struct MmaK8;
+template <> struct MmaK8<__half> {
+  static __device__ __forceinline__ void run(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
+  }
+};
+template <> struct MmaK8<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
+  }
+};
+
+// The two 16-bit values of a packed register as floats (`lo` first).
+template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t x);
+template <> __device__ __forceinline__ float2 unpack2<__half>(uint32_t x) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&x));
+}
+template <> __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t x) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
+}
 
 // Transposes an 8 x 8 matrix of 16-bit values held in the C-fragment layout (lane holds row g,
 // columns 2t..2t+1) so that the lane holds row g, columns 2t..2t+1 of the transpose. This turns

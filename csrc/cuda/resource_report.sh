@@ -40,7 +40,7 @@ out=csrc/cuda/RESOURCE_REPORT.md
     echo "### ptxas spills (nvcc -Xptxas -v, -O3 --use_fast_math, as setup.py builds)"
     echo
     echo '```'
-    for src in csrc/cuda/window_attention_cuda_generic.cu csrc/cuda/window_attention_cuda_mma.cu; do
+    for src in csrc/cuda/window_attention_cuda_*.cu; do  # the files with kernels
       nvcc -c "$src" -o /dev/null $includes -Icsrc/include --expt-relaxed-constexpr -O3 --use_fast_math -std=c++17 \
         -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
         -D__CUDA_NO_HALF2_OPERATORS__ -gencode "arch=compute_${arch#sm_},code=$arch" -Xptxas -v 2>&1 |
@@ -50,12 +50,14 @@ out=csrc/cuda/RESOURCE_REPORT.md
     echo
     echo "Dynamic shared memory per block (from mma_layout() / backward_query_smem_bytes()), XMorpher's"
     echo "window 2, search 6, with bias: forward_mma_kernel stages 8 windows along x at head_dim 16"
-    echo "(720 rows: 75,164 B), 1 window at head_dim 128 (216 rows: 121,532 B); backward_queries_kernel"
-    echo "with 8 warps at head_dim 16: 12,000 B. Budget: 80 KiB unless one window alone needs more."
+    echo "(720 rows: 75,164 B), 1 window at head_dim 128 (216 rows: 121,532 B); backward_mma_kernel"
+    echo "stages 8 neighbouring windows at head_dim 16 (fast schedule, 720 rows: 80,788 B) or 2 windows"
+    echo "one colour period apart (deterministic schedule, 432 rows: 50,836 B); backward_queries_kernel"
+    echo "(generic) with 8 warps at head_dim 16: 12,000 B. Budget: 80 KiB unless one window alone needs more."
     echo
     hmma=$("$cuobjdump" --gpu-architecture "$arch" --dump-sass "$so" | grep -c HMMA || true)
     echo "HMMA instructions in the $arch SASS: **$hmma**"
-    echo "(\`cuobjdump --gpu-architecture $arch --dump-sass $so | grep -c HMMA\`; all in forward_mma_kernel)."
+    echo "(\`cuobjdump --gpu-architecture $arch --dump-sass $so | grep -c HMMA\`; all in forward_mma_kernel and backward_mma_kernel)."
     echo
   done
 } >"$out"

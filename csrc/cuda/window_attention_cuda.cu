@@ -1,8 +1,8 @@
 // CUDA implementation of the window attention ops (schema in csrc/window_attention.cpp):
 // argument plumbing, the choice of kernels, the deterministic/fast backward switch and the
 // fixed-order reduction of the bias and pad partials. Kernels live in
-// window_attention_cuda_generic.cu (every configuration, and the backward) and
-// window_attention_cuda_mma.cu (tensor-core forward for fp16/bf16).
+// window_attention_cuda_generic.cu (every configuration), window_attention_cuda_mma.cu and
+// window_attention_cuda_mma_backward.cu (tensor cores, fp16/bf16).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -115,6 +115,28 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& query_in, const at:
   return {out, lse};
 }
 
+// The tensor-core backward sums the bias and pad gradients in fixed point, in units of
+// 2^exponent (a device scalar: no host sync). Every term is bounded: |dS| <= |dP| + |<dO, O>|
+// <= 2 head_dim max|dO| max|V| (O is a mix of value rows), a pad_key term by that times
+// max|Q| scale, a pad_value term by max|dO|; there are at most B heads voxels box_keys of each.
+// The exponent puts that many bounds at 2^62 units, so no sum overflows int64 and a typical term
+// keeps about fp32's relative precision. NaN or inf inputs give a non-finite unit, so the
+// gradients come out non-finite too.
+at::Tensor fixed_point_exponent(const OpInputs& in, const at::Tensor& grad_out, double scale) {
+  auto amax = [](const at::Tensor& t) {
+    return at::linalg_vector_norm(t, INFINITY, at::OptionalIntArrayRef{}, false, at::kFloat).to(at::kDouble);
+  };
+  at::Tensor value_max = amax(in.value);
+  if (in.pad_value.defined()) value_max = at::maximum(value_max, amax(in.pad_value));
+  const at::Tensor grad_max = amax(grad_out);
+  const at::Tensor ds_bound = grad_max * value_max * (2.0 * in.query.size(5));
+  const double terms = static_cast<double>(in.query.numel() / in.query.size(5)) *
+                       static_cast<double>(in.geometry.search[0] * in.geometry.search[1] * in.geometry.search[2]);
+  const at::Tensor total =
+      at::maximum(at::maximum(ds_bound, ds_bound * amax(in.query) * scale), grad_max) * terms;
+  return at::clamp(at::ceil(at::log2(total)) - 62.0, -1000.0, 960.0).masked_fill(at::isfinite(total).logical_not(), NAN);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out_in, const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, at::IntArrayRef window_size, at::IntArrayRef search_size,
@@ -137,26 +159,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == query.numel() / std::max<int64_t>(query.size(5), 1),
               "window_attention_backward: lse must be float32 (B, heads, D, H, W)");
 
-  // Deterministic mode: dK/dV from the atomic-free key-side kernel. Otherwise fp32 atomics.
+  // Deterministic mode: the atomic-free schedules (colour passes of the tensor-core kernel, or
+  // the key-side generic kernel). Otherwise fp32 atomics.
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   const auto contiguous = query.options().memory_format(at::MemoryFormat::Contiguous);
   const int64_t batch = query.size(0), heads = query.size(4), head_dim = query.size(5);
   at::Tensor grad_query = at::empty(query.sizes(), contiguous);
-  at::Tensor grad_key = deterministic ? at::empty(query.sizes(), contiguous.dtype(at::kFloat))
-                                      : at::zeros(query.sizes(), contiguous.dtype(at::kFloat));
-  at::Tensor grad_value = deterministic ? at::empty(query.sizes(), contiguous.dtype(at::kFloat))
-                                        : at::zeros(query.sizes(), contiguous.dtype(at::kFloat));
-  at::Tensor delta;
-  if (deterministic) delta = at::empty({batch, heads, g.volume[0], g.volume[1], g.volume[2]}, contiguous.dtype(at::kFloat));
+  // Accumulated into by every path but the generic deterministic one, which writes each once.
+  at::Tensor grad_key = at::zeros(query.sizes(), contiguous.dtype(at::kFloat));
+  at::Tensor grad_value = at::zeros(query.sizes(), contiguous.dtype(at::kFloat));
 
   const bool with_bias = in.rel_pos_bias.defined(), with_pad = in.pad_key.defined();
   const int64_t bias_per_head = bias_extent(g, 0) * bias_extent(g, 1) * bias_extent(g, 2);
   const int64_t partial_stride = (with_bias ? bias_per_head : 0) + (with_pad ? 2 * head_dim : 0);
-  const int warps = backward_query_warps(g, head_dim, with_bias);
-  // Partials: (B, heads, slot (wz, wy) x warp, partial_stride); each warp writes its own entries.
-  const int64_t slots = num_windows(g, 0) * num_windows(g, 1) * warps;
-  at::Tensor partials;
-  if (partial_stride > 0) partials = at::empty({batch, heads, slots, partial_stride}, contiguous.dtype(at::kDouble));
+  at::Tensor per_head;  // (heads, partial_stride) fp64 sums of the bias and pad gradients
 
   if (query.numel() > 0) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -171,18 +187,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       p.grad_query = reinterpret_cast<T*>(grad_query.mutable_data_ptr<scalar_t>());
       p.grad_key = grad_key.mutable_data_ptr<float>();
       p.grad_value = grad_value.mutable_data_ptr<float>();
+      if constexpr (!std::is_same_v<T, float>) {
+        at::Tensor fixed, exponent, inv_unit;  // fixed-point sums: the same in any order
+        if (partial_stride > 0) {
+          fixed = at::zeros({heads, partial_stride}, contiguous.dtype(at::kLong));
+          exponent = fixed_point_exponent(in, grad_out, scale);
+          inv_unit = at::exp2(-exponent);
+        }
+        auto* fixed_ptr = fixed.defined() ? reinterpret_cast<unsigned long long*>(fixed.mutable_data_ptr<int64_t>())
+                                          : nullptr;
+        const double* inv_unit_ptr = inv_unit.defined() ? inv_unit.const_data_ptr<double>() : nullptr;
+        if (launch_backward_mma(p, rows_are_16_byte_aligned(in), deterministic, fixed_ptr, inv_unit_ptr, stream)) {
+          if (fixed.defined()) per_head = fixed.to(at::kDouble).mul_(at::exp2(exponent));
+          return;
+        }
+      }
+      // Generic kernels. Partials: (B, heads, slot (wz, wy) x warp, partial_stride); each warp
+      // writes its own entries, summed below in a fixed order.
+      const int warps = backward_query_warps(g, head_dim, with_bias);
+      at::Tensor partials;
+      if (partial_stride > 0) {
+        partials = at::empty({batch, heads, num_windows(g, 0) * num_windows(g, 1) * warps, partial_stride},
+                             contiguous.dtype(at::kDouble));
+      }
+      at::Tensor delta;
+      if (deterministic) delta = at::empty({batch, heads, g.volume[0], g.volume[1], g.volume[2]}, contiguous.dtype(at::kFloat));
       p.partials = partials.defined() ? partials.mutable_data_ptr<double>() : nullptr;
       p.partial_stride = partial_stride;
       float* delta_ptr = deterministic ? delta.mutable_data_ptr<float>() : nullptr;
       launch_backward_queries(p, warps, !deterministic, delta_ptr, stream);
       if (deterministic) launch_backward_keys(p, delta_ptr, stream);
+      // A fixed-order reduction in fp64: the same on every run.
+      if (partials.defined()) per_head = partials.sum(at::IntArrayRef{0, 2});
     });
-  } else if (partials.defined()) {
-    partials.zero_();
+  } else if (partial_stride > 0) {
+    per_head = at::zeros({heads, partial_stride}, contiguous.dtype(at::kDouble));
   }
 
-  // Sum the partials over batch and slots, in fp64: a fixed-order reduction, the same on every run.
-  const at::Tensor per_head = partials.defined() ? partials.sum({0, 2}) : at::Tensor();  // (heads, partial_stride)
   const OptionalInputGrads optional = split_optional_grads(per_head, in, query.options());
   if (query.scalar_type() != at::kFloat) {
     grad_key = grad_key.to(query.scalar_type());

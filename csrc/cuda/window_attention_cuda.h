@@ -24,6 +24,16 @@ void launch_forward_generic(const AttentionParams<T, float>& p, cudaStream_t str
 template <typename T>
 bool launch_forward_mma(const AttentionParams<T, float>& p, bool vector_loads, cudaStream_t stream);
 
+// Tensor-core backward for fp16/bf16 (window_attention_cuda_mma_backward.cu), covering what
+// launch_forward_mma() covers. Adds dK/dV into p.grad_key/p.grad_value (zeroed fp32), writes dQ,
+// and adds the bias and pad gradients into `fixed` ((heads, bias entries + 2 head_dim with
+// constant padding), zeroed; in units of 1 / *inv_unit, a device scalar). `deterministic`
+// selects the atomic-free colour schedule. Returns false, launching nothing, outside what it
+// covers.
+template <typename T>
+bool launch_backward_mma(const AttentionParams<T, float>& p, bool vector_loads, bool deterministic,
+                         unsigned long long* fixed, const double* inv_unit, cudaStream_t stream);
+
 // Backward, query side: dQ, the bias and pad partials (p.partials holds `partial_warps` slots per
 // (b, head, wz, wy), each p.partial_stride floats), and with `atomic_key_grads` dK/dV scattered
 // with atomics into p.grad_key/p.grad_value (zeroed fp32). Without it, writes each query's

@@ -4,10 +4,9 @@
 //
 // Layout of the work:
 //  * A block takes R consecutive windows along x (same b, head, wz, wy) and stages the union of
-//    their key boxes, s_d x s_h x (w_w (R - 1) + s_w) rows of key and value, in shared memory
-//    once: neighbouring boxes overlap, so each key is read from global memory about
-//    s_w / w_w times less often than with one box per window. Padded rows hold pad_key/pad_value
-//    (constant padding) or zeros with a -inf mask (mask padding).
+//    their key boxes in shared memory once (mma_common.cuh): neighbouring boxes overlap, so each
+//    key is read from global memory about s_w / w_w times less often than with one box per
+//    window.
 //  * One warp per window. With 8 queries, the scores are computed transposed, S^T = K Q^T, so
 //    the 16-row side of m16n8k16 is keys and the 8-column side is the window's queries: no
 //    padding of queries to 16. The key box is walked 16 keys at a time with an online softmax
@@ -19,39 +18,12 @@
 // All window, key box and bias index arithmetic comes from window_geometry.h.
 #include <cmath>
 
-#include "cuda_common.cuh"
+#include "mma_common.cuh"
 #include "window_attention_cuda.h"
 
 namespace xmorpher_kernels {
 namespace cuda {
 namespace {
-
-constexpr int kMaxWindowsPerBlock = 8;
-constexpr int kRowPad = 8;  // halves of padding per staged row: conflict-free fragment loads
-constexpr int64_t kSmemBudget = 80 * 1024;
-
-// Shared memory of one block, in the order it is carved.
-struct MmaLayout {
-  int64_t union_x;   // staged x extent: w_w (R - 1) + s_w
-  int64_t rows;      // staged rows: s_d s_h union_x
-  int64_t keys;      // keys per box, rounded up to the 16-key tile
-  int64_t bias;      // bias entries of one head (0 without bias)
-  int64_t kv_bytes, mask_bytes, bias_bytes, table_bytes;
-  int64_t total() const { return kv_bytes + mask_bytes + bias_bytes + table_bytes; }
-};
-
-MmaLayout mma_layout(const WindowGeometry& g, int64_t head_dim, int64_t windows_per_block, bool with_bias) {
-  MmaLayout m;
-  m.union_x = g.window[2] * (windows_per_block - 1) + g.search[2];
-  m.rows = g.search[0] * g.search[1] * m.union_x;
-  m.keys = (g.search[0] * g.search[1] * g.search[2] + 15) / 16 * 16;
-  m.bias = with_bias ? bias_extent(g, 0) * bias_extent(g, 1) * bias_extent(g, 2) : 0;
-  m.kv_bytes = 2 * m.rows * (head_dim + kRowPad) * 2;  // keys then values, 16-bit
-  m.mask_bytes = m.rows * 4;
-  m.bias_bytes = m.bias * 4;
-  m.table_bytes = 2 * m.keys * 4;
-  return m;
-}
 
 template <typename T, int HD>
 __global__ void __launch_bounds__(kMaxWindowsPerBlock * 32, 1)
@@ -60,12 +32,7 @@ __global__ void __launch_bounds__(kMaxWindowsPerBlock * 32, 1)
   constexpr int kRow = HD + kRowPad;  // staged row length, in elements
   constexpr int kSteps = HD / 16;     // k-steps of S^T, m-tiles of O^T
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* key_s = reinterpret_cast<T*>(smem_raw);
-  T* value_s = key_s + layout.rows * kRow;
-  float* mask_s = reinterpret_cast<float*>(smem_raw + layout.kv_bytes);  // 0 or -inf per staged row
-  float* bias_s = mask_s + layout.rows;                                   // this head's bias * log2(e)
-  int* key_row_s = reinterpret_cast<int*>(bias_s + layout.bias);          // box key -> staged row (window 0)
-  int* key_bias_s = key_row_s + layout.keys;                              // box key -> bias_key_part
+  const StagedBox<T> box(smem_raw, layout, kRow);
 
   const WindowGeometry& g = p.geometry;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -79,85 +46,16 @@ __global__ void __launch_bounds__(kMaxWindowsPerBlock * 32, 1)
   const int64_t h = rest % p.heads;
   const int64_t b = rest / p.heads;
   const int64_t wx0 = xb * windows_per_block;
-  const bool constant_padding = p.pad_key != nullptr;
-  const int sy = static_cast<int>(g.search[1]), sx = static_cast<int>(g.search[2]);
-  const int union_x = static_cast<int>(layout.union_x);
-  const int box_keys = static_cast<int>(g.search[0]) * sy * sx;
-
-  // ---- Stage the union key box, 8 elements (16 bytes) per step.
-  {
-    const int64_t bz = key_box_start(g, 0, wz), by = key_box_start(g, 1, wy), bx = key_box_start(g, 2, wx0);
-    constexpr int kChunks = HD / 8;
-    const int64_t steps = layout.rows * kChunks;
-    for (int64_t i = threadIdx.x; i < steps; i += blockDim.x) {
-      const int row = static_cast<int>(i / kChunks), chunk = static_cast<int>(i % kChunks);
-      const int ux = row % union_x, uy = (row / union_x) % sy, uz = row / (union_x * sy);
-      const int64_t z = bz + uz, y = by + uy, x = bx + ux;
-      const bool in = inside_volume(g, 0, z) && inside_volume(g, 1, y) && inside_volume(g, 2, x);
-      const T* k_src = nullptr;
-      const T* v_src = nullptr;
-      if (in) {
-        k_src = p.key + p.key_strides.offset(b, z, y, x, h) + chunk * 8;
-        v_src = p.value + p.value_strides.offset(b, z, y, x, h) + chunk * 8;
-      } else if (constant_padding) {
-        k_src = p.pad_key + h * HD + chunk * 8;
-        v_src = p.pad_value + h * HD + chunk * 8;
-      }
-      T* k_dst = key_s + row * kRow + chunk * 8;
-      T* v_dst = value_s + row * kRow + chunk * 8;
-      if (k_src == nullptr) {
-        *reinterpret_cast<uint4*>(k_dst) = make_uint4(0, 0, 0, 0);
-        *reinterpret_cast<uint4*>(v_dst) = make_uint4(0, 0, 0, 0);
-      } else if (vector_loads) {
-        *reinterpret_cast<uint4*>(k_dst) = __ldg(reinterpret_cast<const uint4*>(k_src));
-        *reinterpret_cast<uint4*>(v_dst) = __ldg(reinterpret_cast<const uint4*>(v_src));
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          k_dst[e] = k_src[e];
-          v_dst[e] = v_src[e];
-        }
-      }
-      if (chunk == 0) mask_s[row] = (in || constant_padding) ? 0.f : -INFINITY;
-    }
-    if (p.rel_pos_bias != nullptr) {
-      const T* bias_h = p.rel_pos_bias + h * layout.bias;
-      for (int64_t e = threadIdx.x; e < layout.bias; e += blockDim.x) bias_s[e] = to_float(bias_h[e]) * kLog2e;
-    }
-    // Tail keys of the last 16-key tile point at row 0 (finite data, so P V stays finite); their
-    // scores are -inf and their bias is never read.
-    for (int t = threadIdx.x; t < layout.keys; t += blockDim.x) {
-      int row = 0, key_part = 0;
-      if (t < box_keys) {
-        const int tx = t % sx, ty = (t / sx) % sy, tz = t / (sx * sy);
-        row = (tz * sy + ty) * union_x + tx;
-        key_part = static_cast<int>(bias_key_part(g, tz, ty, tx));
-      }
-      key_row_s[t] = row;
-      key_bias_s[t] = key_part;
-    }
-  }
-  __syncthreads();
+  const int box_keys = static_cast<int>(g.search[0] * g.search[1] * g.search[2]);
+  stage_key_box<T, HD>(p, layout, box, b, h, wz, wy, wx0, vector_loads);
 
   const int64_t wx = wx0 + warp;
   if (wx >= nwx) return;  // no barrier follows
   const int group = lane >> 2, quad = lane & 3;
   const int row_offset = warp * static_cast<int>(g.window[2]);  // this window's first staged x
-  const int wd = static_cast<int>(g.window[0]), wh = static_cast<int>(g.window[1]), ww = static_cast<int>(g.window[2]);
-  const int window_queries = wd * wh * ww;
-  const int64_t oz = window_origin(g, 0, wz), oy = window_origin(g, 1, wy), ox = window_origin(g, 2, wx);
   const int64_t voxels = g.volume[0] * g.volume[1] * g.volume[2];
-
-  // Query slot q (0..7) of the window: its voxel, or -1 for a slot outside the volume or the window.
-  auto query_voxel = [&](int q, int& bias_part) -> int64_t {
-    bias_part = 0;
-    if (q >= window_queries) return -1;
-    const int ax = q % ww, ay = (q / ww) % wh, az = q / (ww * wh);
-    bias_part = static_cast<int>(bias_query_part(g, az, ay, ax));
-    const int64_t z = oz + az, y = oy + ay, x = ox + ax;
-    if (!(inside_volume(g, 0, z) && inside_volume(g, 1, y) && inside_volume(g, 2, x))) return -1;
-    return (z * g.volume[1] + y) * g.volume[2] + x;
-  };
+  const WindowQueries window(g, wz, wy, wx);
+  auto query_voxel = [&](int q, int& bias_part) { return window.voxel(q, bias_part); };
 
   // B operand Q^T (k = head dim, n = query): lane holds query `group`, dims 2*quad.. and +8.
   uint32_t q_frag[kSteps][2];
@@ -165,11 +63,7 @@ __global__ void __launch_bounds__(kMaxWindowsPerBlock * 32, 1)
     int unused;
     const int64_t voxel = query_voxel(group, unused);
     const uint16_t* q_row = nullptr;
-    if (voxel >= 0) {
-      const int64_t z = voxel / (g.volume[1] * g.volume[2]), y = (voxel / g.volume[2]) % g.volume[1],
-                    x = voxel % g.volume[2];
-      q_row = reinterpret_cast<const uint16_t*>(p.query + p.query_strides.offset(b, z, y, x, h));
-    }
+    if (voxel >= 0) q_row = reinterpret_cast<const uint16_t*>(token_row(p.query, p.query_strides, g, b, voxel, h));
 #pragma unroll
     for (int ks = 0; ks < kSteps; ++ks) {
       const int d = ks * 16 + 2 * quad;
@@ -185,7 +79,7 @@ __global__ void __launch_bounds__(kMaxWindowsPerBlock * 32, 1)
 
   const float scale_log2 = p.scale * kLog2e;
   const bool with_bias = p.rel_pos_bias != nullptr;
-  const uint16_t* value_bits = reinterpret_cast<const uint16_t*>(value_s);
+  const uint16_t* value_bits = reinterpret_cast<const uint16_t*>(box.value);
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   float o[kSteps][4];
 #pragma unroll
@@ -195,16 +89,16 @@ __global__ void __launch_bounds__(kMaxWindowsPerBlock * 32, 1)
   for (int tile = 0; tile < tiles; ++tile) {
     // S^T tile: rows = keys tile*16 + group (+8), columns = queries 2*quad (+1).
     const int key0 = tile * 16 + group, key1 = key0 + 8;
-    const int row0 = key_row_s[key0] + row_offset, row1 = key_row_s[key1] + row_offset;
+    const int row0 = box.key_row[key0] + row_offset, row1 = box.key_row[key1] + row_offset;
     float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int ks = 0; ks < kSteps; ++ks) {
       const int d = ks * 16 + 2 * quad;
       const uint32_t a[4] = {
-          *reinterpret_cast<const uint32_t*>(key_s + row0 * kRow + d),
-          *reinterpret_cast<const uint32_t*>(key_s + row1 * kRow + d),
-          *reinterpret_cast<const uint32_t*>(key_s + row0 * kRow + d + 8),
-          *reinterpret_cast<const uint32_t*>(key_s + row1 * kRow + d + 8),
+          *reinterpret_cast<const uint32_t*>(box.key + row0 * kRow + d),
+          *reinterpret_cast<const uint32_t*>(box.key + row1 * kRow + d),
+          *reinterpret_cast<const uint32_t*>(box.key + row0 * kRow + d + 8),
+          *reinterpret_cast<const uint32_t*>(box.key + row1 * kRow + d + 8),
       };
       Mma<T>::run(s, a, q_frag[ks][0], q_frag[ks][1]);
     }
@@ -215,8 +109,8 @@ __global__ void __launch_bounds__(kMaxWindowsPerBlock * 32, 1)
       const int row = e < 2 ? row0 : row1;
       float v = -INFINITY;
       if (key < box_keys) {
-        v = s[e] * scale_log2 + mask_s[row];
-        if (with_bias) v += bias_s[key_bias_s[key] - query_bias[e & 1]];
+        v = s[e] * scale_log2 + box.mask[row];
+        if (with_bias) v += box.bias[box.key_bias[key] - query_bias[e & 1]];
       }
       s[e] = v;
     }
@@ -247,8 +141,8 @@ __global__ void __launch_bounds__(kMaxWindowsPerBlock * 32, 1)
     const uint32_t p_hi = transpose_8x8(pack2<T>(prob[2], prob[3]));  // keys 8 + 2*quad..
     // V^T as the A operand (m = head dim, k = keys): keys tile*16 + 2*quad + {0, 1, 8, 9}.
     const int key_b = tile * 16 + 2 * quad;
-    const int vrow0 = (key_row_s[key_b] + row_offset) * kRow, vrow1 = (key_row_s[key_b + 1] + row_offset) * kRow;
-    const int vrow2 = (key_row_s[key_b + 8] + row_offset) * kRow, vrow3 = (key_row_s[key_b + 9] + row_offset) * kRow;
+    const int vrow0 = (box.key_row[key_b] + row_offset) * kRow, vrow1 = (box.key_row[key_b + 1] + row_offset) * kRow;
+    const int vrow2 = (box.key_row[key_b + 8] + row_offset) * kRow, vrow3 = (box.key_row[key_b + 9] + row_offset) * kRow;
 #pragma unroll
     for (int mt = 0; mt < kSteps; ++mt) {
       const int d = mt * 16 + group;
@@ -322,9 +216,9 @@ bool launch_forward_mma(const AttentionParams<T, float>& p, bool vector_loads, c
   // box fits the budget; one window per block may use all the shared memory there is.
   int windows_per_block = 1;
   while (windows_per_block < kMaxWindowsPerBlock && 2 * windows_per_block <= nwx &&
-         mma_layout(g, p.head_dim, 2 * windows_per_block, with_bias).total() <= kSmemBudget)
+         mma_layout(g, p.head_dim, 2 * windows_per_block, 1, with_bias, 0, false).total() <= kSmemBudget)
     windows_per_block *= 2;
-  const MmaLayout layout = mma_layout(g, p.head_dim, windows_per_block, with_bias);
+  const MmaLayout layout = mma_layout(g, p.head_dim, windows_per_block, 1, with_bias, 0, false);
   if (layout.total() > optin_smem) return false;
   const int64_t blocks = p.batch * p.heads * num_windows(g, 0) * num_windows(g, 1) *
                          ((nwx + windows_per_block - 1) / windows_per_block);

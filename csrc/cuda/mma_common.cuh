@@ -1,0 +1,179 @@
+// What the tensor-core forward and backward (window_attention_cuda_mma.cu,
+// window_attention_cuda_mma_backward.cu) share: the shared-memory layout of a block, the staging
+// of its windows' key boxes, and where a window's query slots live.
+//
+// A block takes R windows of one row (same b, head, wz, wy) along x, `window_step` windows apart
+// (1: neighbours, whose boxes overlap, so each key is staged once for all of them; the colour
+// period: windows whose boxes are disjoint). It stages the x-union of their key boxes,
+// s_d x s_h x (w_w window_step (R - 1) + s_w) rows of key and value, once. Padded rows hold
+// pad_key/pad_value (constant padding) or zeros with a -inf mask (mask padding).
+#pragma once
+
+#include "cuda_common.cuh"
+#include "xmorpher_kernels/attention_params.h"
+
+namespace xmorpher_kernels {
+namespace cuda {
+
+constexpr int kMaxWindowsPerBlock = 8;
+constexpr int kRowPad = 8;  // halves of padding per staged row: conflict-free fragment loads
+constexpr int64_t kSmemBudget = 80 * 1024;
+
+// Shared memory of one block, in the order it is carved: key and value rows (16-bit), then
+// `accum_bytes` of 8-byte accumulators (backward), the row mask, the bias, the box-key tables and
+// the staged row -> voxel table (backward).
+struct MmaLayout {
+  int64_t union_x;  // staged x extent
+  int64_t rows;     // staged rows: s_d s_h union_x
+  int64_t keys;     // keys per box, rounded up to the 16-key tile
+  int64_t bias;     // bias entries of one head (0 without bias)
+  int64_t kv_bytes, accum_bytes, mask_bytes, bias_bytes, table_bytes, voxel_bytes;
+  int64_t total() const { return kv_bytes + accum_bytes + mask_bytes + bias_bytes + table_bytes + voxel_bytes; }
+};
+
+inline MmaLayout mma_layout(const WindowGeometry& g, int64_t head_dim, int64_t windows_per_block,
+                            int64_t window_step, bool with_bias, int64_t accumulators, bool voxel_table) {
+  MmaLayout m;
+  m.union_x = g.window[2] * window_step * (windows_per_block - 1) + g.search[2];
+  m.rows = g.search[0] * g.search[1] * m.union_x;
+  m.keys = (g.search[0] * g.search[1] * g.search[2] + 15) / 16 * 16;
+  m.bias = with_bias ? bias_extent(g, 0) * bias_extent(g, 1) * bias_extent(g, 2) : 0;
+  m.kv_bytes = 2 * m.rows * (head_dim + kRowPad) * 2;  // keys then values, 16-bit; a multiple of 16
+  m.accum_bytes = accumulators * 8;
+  m.mask_bytes = m.rows * 4;
+  m.bias_bytes = m.bias * 4;
+  m.table_bytes = 2 * m.keys * 4;
+  m.voxel_bytes = voxel_table ? m.rows * 4 : 0;
+  return m;
+}
+
+// The block's shared memory carved as mma_layout() says.
+template <typename T>
+struct StagedBox {
+  T* key;                           // rows x (HD + kRowPad)
+  T* value;
+  unsigned long long* accum;        // layout accumulators (backward)
+  float* mask;                      // 0 or -inf per staged row
+  float* bias;                      // this head's bias * log2(e)
+  int* key_row;                     // box key -> staged row of the block's first window
+  int* key_bias;                    // box key -> bias_key_part
+  int* row_voxel;                   // staged row -> voxel (z H + y) W + x, or -1 outside (backward)
+
+  __device__ StagedBox(unsigned char* smem, const MmaLayout& m, int row_length) {
+    key = reinterpret_cast<T*>(smem);
+    value = key + m.rows * row_length;
+    accum = reinterpret_cast<unsigned long long*>(smem + m.kv_bytes);
+    mask = reinterpret_cast<float*>(smem + m.kv_bytes + m.accum_bytes);
+    bias = mask + m.rows;
+    key_row = reinterpret_cast<int*>(bias + m.bias);
+    key_bias = key_row + m.keys;
+    row_voxel = m.voxel_bytes > 0 ? key_bias + m.keys : nullptr;
+  }
+};
+
+// Stages the key/value union box of the block's windows (first window wx0), its mask, this
+// head's bias and the key tables, 8 elements (16 bytes) per step. Ends with __syncthreads().
+template <typename T, int HD>
+__device__ void stage_key_box(const AttentionParams<T, float>& p, const MmaLayout& layout, const StagedBox<T>& box,
+                              int64_t b, int64_t h, int64_t wz, int64_t wy, int64_t wx0, bool vector_loads) {
+  constexpr int kRow = HD + kRowPad;
+  constexpr int kChunks = HD / 8;
+  const WindowGeometry& g = p.geometry;
+  const bool constant_padding = p.pad_key != nullptr;
+  const int sy = static_cast<int>(g.search[1]), sx = static_cast<int>(g.search[2]);
+  const int union_x = static_cast<int>(layout.union_x);
+  const int box_keys = static_cast<int>(g.search[0]) * sy * sx;
+  const int64_t bz = key_box_start(g, 0, wz), by = key_box_start(g, 1, wy), bx = key_box_start(g, 2, wx0);
+  const int64_t steps = layout.rows * kChunks;
+  for (int64_t i = threadIdx.x; i < steps; i += blockDim.x) {
+    const int row = static_cast<int>(i / kChunks), chunk = static_cast<int>(i % kChunks);
+    const int ux = row % union_x, uy = (row / union_x) % sy, uz = row / (union_x * sy);
+    const int64_t z = bz + uz, y = by + uy, x = bx + ux;
+    const bool in = inside_volume(g, 0, z) && inside_volume(g, 1, y) && inside_volume(g, 2, x);
+    const T* k_src = nullptr;
+    const T* v_src = nullptr;
+    if (in) {
+      k_src = p.key + p.key_strides.offset(b, z, y, x, h) + chunk * 8;
+      v_src = p.value + p.value_strides.offset(b, z, y, x, h) + chunk * 8;
+    } else if (constant_padding) {
+      k_src = p.pad_key + h * HD + chunk * 8;
+      v_src = p.pad_value + h * HD + chunk * 8;
+    }
+    T* k_dst = box.key + row * kRow + chunk * 8;
+    T* v_dst = box.value + row * kRow + chunk * 8;
+    if (k_src == nullptr) {
+      *reinterpret_cast<uint4*>(k_dst) = make_uint4(0, 0, 0, 0);
+      *reinterpret_cast<uint4*>(v_dst) = make_uint4(0, 0, 0, 0);
+    } else if (vector_loads) {
+      *reinterpret_cast<uint4*>(k_dst) = __ldg(reinterpret_cast<const uint4*>(k_src));
+      *reinterpret_cast<uint4*>(v_dst) = __ldg(reinterpret_cast<const uint4*>(v_src));
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        k_dst[e] = k_src[e];
+        v_dst[e] = v_src[e];
+      }
+    }
+    if (chunk == 0) {
+      box.mask[row] = (in || constant_padding) ? 0.f : -INFINITY;
+      if (box.row_voxel != nullptr)
+        box.row_voxel[row] = in ? static_cast<int>((z * g.volume[1] + y) * g.volume[2] + x) : -1;
+    }
+  }
+  if (p.rel_pos_bias != nullptr) {
+    const T* bias_h = p.rel_pos_bias + h * layout.bias;
+    for (int64_t e = threadIdx.x; e < layout.bias; e += blockDim.x) box.bias[e] = to_float(bias_h[e]) * kLog2e;
+  }
+  // Tail keys of the last 16-key tile point at row 0 (finite data, so products stay finite);
+  // their scores are -inf and their bias is never read.
+  for (int t = threadIdx.x; t < layout.keys; t += blockDim.x) {
+    int row = 0, key_part = 0;
+    if (t < box_keys) {
+      const int tx = t % sx, ty = (t / sx) % sy, tz = t / (sx * sy);
+      row = (tz * sy + ty) * union_x + tx;
+      key_part = static_cast<int>(bias_key_part(g, tz, ty, tx));
+    }
+    box.key_row[t] = row;
+    box.key_bias[t] = key_part;
+  }
+  __syncthreads();
+}
+
+// Query slots (0..7, row-major over the window) of window (wz, wy, wx).
+struct WindowQueries {
+  const WindowGeometry& g;
+  int wd, wh, ww;
+  int64_t oz, oy, ox;
+
+  __device__ WindowQueries(const WindowGeometry& geometry, int64_t wz, int64_t wy, int64_t wx)
+      : g(geometry),
+        wd(static_cast<int>(geometry.window[0])),
+        wh(static_cast<int>(geometry.window[1])),
+        ww(static_cast<int>(geometry.window[2])),
+        oz(window_origin(geometry, 0, wz)),
+        oy(window_origin(geometry, 1, wy)),
+        ox(window_origin(geometry, 2, wx)) {}
+
+  // Slot q's voxel, or -1 for a slot outside the volume or the window; its bias_query_part.
+  __device__ int64_t voxel(int q, int& bias_part) const {
+    bias_part = 0;
+    if (q >= wd * wh * ww) return -1;
+    const int ax = q % ww, ay = (q / ww) % wh, az = q / (ww * wh);
+    bias_part = static_cast<int>(bias_query_part(g, az, ay, ax));
+    const int64_t z = oz + az, y = oy + ay, x = ox + ax;
+    if (!(inside_volume(g, 0, z) && inside_volume(g, 1, y) && inside_volume(g, 2, x))) return -1;
+    return (z * g.volume[1] + y) * g.volume[2] + x;
+  }
+};
+
+// Pointer to the row of (b, voxel, h) of a strided (B, D, H, W, heads, head_dim) tensor.
+template <typename T>
+__device__ __forceinline__ const T* token_row(const T* base, const TokenStrides& strides, const WindowGeometry& g,
+                                              int64_t b, int64_t voxel, int64_t h) {
+  const int64_t z = voxel / (g.volume[1] * g.volume[2]), y = (voxel / g.volume[2]) % g.volume[1],
+                x = voxel % g.volume[2];
+  return base + strides.offset(b, z, y, x, h);
+}
+
+}  // namespace cuda
+}  // namespace xmorpher_kernels
