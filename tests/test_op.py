@@ -273,6 +273,24 @@ def test_auto_order_puts_cuda_generic_kernels_behind_triton(dtype, head_dim, win
     assert order[-1] == "reference"
 
 
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_auto_order_under_deterministic_algorithms(requires_grad):
+    # The CUDA backend's deterministic backward is slower than Triton's: "auto" tries Triton
+    # first when a backward may follow, and keeps the faster CUDA forward for inference.
+    from xmorpher_kernels._backends import auto_candidates
+    from xmorpher_kernels._checks import check_arguments
+
+    q = torch.zeros(1, 4, 4, 4, 1, 16, dtype=torch.bfloat16, device="meta", requires_grad=requires_grad)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        order = auto_candidates(check_arguments(q, q, q, 2, None, None, None, "mask", None, None))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    expected = ["triton", "cuda"] if requires_grad else ["cuda", "triton"]
+    assert [name for name in order if name in ("cuda", "triton")] == expected
+
+
 def test_available_backends_explain_themselves():
     statuses = available_backends()
     assert {"reference", "cpu", "cuda"} <= set(statuses)

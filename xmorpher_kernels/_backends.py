@@ -156,7 +156,7 @@ register_backend(
         run=_native.native_window_attention,
         unavailable=_cuda_unavailable,
         refuses=lambda args: f"it supports head_dim <= 128, got {args.head_dim}" if args.head_dim > 128 else None,
-        auto_demotion=_native.cuda_without_tensor_cores,
+        auto_demotion=_native.cuda_auto_demotion,
     )
 )
 

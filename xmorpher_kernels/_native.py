@@ -28,10 +28,11 @@ except ImportError as error:  # built without the extension, or against another 
 HAS_CUDA_KERNELS = HAS_NATIVE and _C.compiled_with_cuda()
 
 
-def cuda_without_tensor_cores(args: AttentionArgs) -> Optional[str]:
-    """Why a call would take the CUDA backend's generic (CUDA-core) kernels, or None when its
-    tensor-core kernels (fp16/bf16, head_dim a multiple of 16, at most 8 queries per window) run
-    it. On an H200 the generic kernels are about 5x slower than Triton's (benchmarks/results/)."""
+def cuda_auto_demotion(args: AttentionArgs) -> Optional[str]:
+    """Why backend="auto" should try Triton before the CUDA backend for this call, or None. From
+    the H200 measurements (benchmarks/results/): the generic CUDA-core kernels (fp32, head_dim not
+    a multiple of 16, windows of more than 8 queries) are about 5x slower than Triton, and the
+    tensor-core backward's deterministic schedule (27 colour passes) 2.5x slower."""
     window = args.geometry.window
     if args.query.dtype not in (torch.float16, torch.bfloat16):
         return "fp32 runs on the generic CUDA kernels"
@@ -39,6 +40,10 @@ def cuda_without_tensor_cores(args: AttentionArgs) -> Optional[str]:
         return "head_dim is not a multiple of 16"
     if window[0] * window[1] * window[2] > 8:
         return "windows of more than 8 queries"
+    inputs = (args.query, args.key, args.value, args.rel_pos_bias, args.pad_key, args.pad_value)
+    backward_follows = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    if backward_follows and torch.are_deterministic_algorithms_enabled():
+        return "the deterministic tensor-core backward is slower than Triton's"
     return None
 
 
