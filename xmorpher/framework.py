@@ -95,18 +95,23 @@ def _sample(volume: torch.Tensor, coords: torch.Tensor, mode: str, padding_mode:
     lower = coords.floor()
     fraction = coords - lower  # carries the gradient with respect to the flow
     lower = lower.long()
-    out = torch.zeros((), dtype=volume.dtype, device=volume.device)
-    for corner in itertools.product((0, 1), repeat=3):
-        weight = torch.ones_like(fraction[:, 0])
-        index = torch.zeros_like(lower[:, 0])
-        for axis, (n, step) in enumerate(zip(sizes, corner)):
+    # Per axis, the two neighbouring positions: clamped index and weight (zero outside the volume:
+    # padding "zeros"; with "border" an outside position only occurs with zero weight, at the
+    # last voxel). Computed once per axis and combined per corner below.
+    axis_terms = []
+    for axis, n in enumerate(sizes):
+        terms = []
+        for step in (0, 1):
             position = lower[:, axis] + step
             axis_weight = fraction[:, axis] if step else 1 - fraction[:, axis]
-            # Corners outside the volume contribute zero (padding "zeros"; with "border" they only
-            # occur with zero weight, at the last voxel).
-            weight = weight * axis_weight * ((position >= 0) & (position < n)).to(weight.dtype)
-            index = index * n + position.clamp(0, n - 1)
-        out = out + weight[:, None] * gather(index)
+            inside = ((position >= 0) & (position < n)).to(axis_weight.dtype)
+            terms.append((position.clamp(0, n - 1), axis_weight * inside))
+        axis_terms.append(terms)
+    out = torch.zeros((), dtype=volume.dtype, device=volume.device)
+    height, width = sizes[1], sizes[2]
+    for (z, weight_z), (y, weight_y), (x, weight_x) in itertools.product(*axis_terms):
+        index = (z * height + y) * width + x
+        out = out + (weight_z * weight_y * weight_x)[:, None] * gather(index)
     return out
 
 
