@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -686,25 +686,50 @@ def forward(
     return out, lse
 
 
-def _reduce_bias_partial(partial: torch.Tensor, tiling: Tiling, batch: int, heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """Sum the per-row partial sums of dS into rel_pos_bias's gradient, in a fixed order.
+# (window/search/pack constants, row blocks, device) -> _bias_gather_table(); built once each.
+_BIAS_GATHER_TABLES: Dict[tuple, torch.Tensor] = {}
 
-    The sum over batch and rows is a plain reduction; the final scatter of (row, column) pairs
-    onto bias entries uses index_put_ with accumulate, which PyTorch runs deterministically
-    when deterministic algorithms are enabled.
-    """
+
+def _bias_gather_table(tiling: Tiling, device: torch.device) -> torch.Tensor:
+    """For each rel_pos_bias entry, the flat (row, column) positions of a tile's bias partials
+    that belong to it, padded with one past the last position (a zero column): a
+    (bias entries, most positions per entry) index table. The pairing is the same for every
+    tile and call of one geometry, so it is computed once (on the device, by
+    _bias_index_map_kernel) and cached."""
+    constexprs = tiling.geometry_constexprs()
+    key = (tuple(sorted(constexprs.items())), tiling.row_blocks, str(device))
+    table = _BIAS_GATHER_TABLES.get(key)
+    if table is not None:
+        return table
+    bias_size = math.prod(tiling.geometry.bias_shape)
+    length = tiling.row_blocks * tiling.block_q * tiling.union_columns
+    index_map = torch.empty(length, dtype=torch.int64, device=device)
+    with _device_guard(index_map):
+        _bias_index_map_kernel[(tiling.row_blocks,)](index_map, **constexprs, BLOCK_K=DEFAULT_CONFIG.kwargs["BLOCK_K"])
+    index_map = index_map.cpu()
+    order = torch.argsort(index_map, stable=True)
+    bins = index_map[order]
+    counts = torch.bincount(index_map, minlength=bias_size + 1)
+    rank = torch.arange(length) - (torch.cumsum(counts, 0) - counts)[bins]
+    keep = bins < bias_size  # bin bias_size collects the pairs outside a row's box
+    table = torch.full((bias_size, int(counts[:bias_size].max())), length, dtype=torch.int64)
+    table[bins[keep], rank[keep]] = order[keep]
+    table = table.to(device)
+    _BIAS_GATHER_TABLES[key] = table
+    return table
+
+
+def _reduce_bias_partial(partial: torch.Tensor, tiling: Tiling, batch: int, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """Sum the per-row partial sums of dS into rel_pos_bias's gradient, in a fixed order: a plain
+    reduction over batch and tile rows, then a gather of each bias entry's (row, column) pairs
+    and a sum over them (no scatter, so no atomics and no sort)."""
     g = tiling.geometry
     nz, ny, _ = g.num_windows
-    columns = tiling.union_columns
-    bias_size = math.prod(g.bias_shape)
-    index_map = torch.empty(tiling.row_blocks * tiling.block_q * columns, dtype=torch.int64, device=partial.device)
-    with _device_guard(partial):
-        _bias_index_map_kernel[(tiling.row_blocks,)](
-            index_map, **tiling.geometry_constexprs(), BLOCK_K=DEFAULT_CONFIG.kwargs["BLOCK_K"]
-        )
-    sums = partial.view(batch, heads, nz * ny, tiling.row_blocks * tiling.block_q * columns).sum(dim=(0, 2))
-    grad = sums.new_zeros(bias_size + 1, heads).index_put_((index_map,), sums.t(), accumulate=True)
-    return grad[:bias_size].t().reshape(heads, *g.bias_shape).to(dtype)
+    length = tiling.row_blocks * tiling.block_q * tiling.union_columns
+    sums = partial.view(batch, heads, nz * ny, length).sum(dim=(0, 2))
+    table = _bias_gather_table(tiling, partial.device)
+    grad = torch.nn.functional.pad(sums, (0, 1))[:, table].sum(dim=-1)
+    return grad.reshape(heads, *g.bias_shape).to(dtype)
 
 
 def backward(
