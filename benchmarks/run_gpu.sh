@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU and no network, from a plain checkout: build the extension in
 # place for this card, run the GPU tests of the Triton and CUDA backends, the CUDA kernels under
-# compute-sanitizer (memcheck, racecheck), then one table of every backend at the paper's stages
-# (benchmarks/gpu_report.py, written under benchmarks/results/ named after the card) and a
-# per-kernel profile. Every step is time-boxed and logs to its own file in LOG_DIR (default
+# compute-sanitizer (memcheck, racecheck), a probe of the ops' error path, a seconds-long training
+# run, then one table of every backend at the paper's stages (benchmarks/gpu_report.py, written
+# under benchmarks/results/ named after the card) and a per-kernel profile. Every step is time-boxed and logs to its own file in LOG_DIR (default
 # benchmarks/results/gpu-logs, or $OUT where set), so a short loan of a GPU still brings back
 # what finished. About five minutes on an H100/H200 (16 cores).
 #
@@ -69,10 +69,16 @@ step "cuda tests rc $cuda_rc: $(tail -n 1 "$logs/tests-cuda.txt"); $(grep -E '^(
 } >>"$logs/sanitizer.txt" 2>&1
 step "error path probe: $(tail -n 2 "$logs/sanitizer.txt" | tr '\n' ' ')"
 
+# The training loop on the GPU (mixed precision, the op's auto backend): the tiny preset, seconds.
+timeout 120 python -m xmorpher.cli train --config tiny --out "$(mktemp -d)/gpu-smoke" --no-progress --evaluate \
+  >"$logs/train-smoke.txt" 2>&1
+step "training smoke run rc $?: $(tail -n 1 "$logs/train-smoke.txt")"
+
 remaining=$(left)
 flex_budget=$(( remaining > 120 ? remaining - 120 : 0 ))
 [ "${GPU_SKIP_FLEX:-0}" = 1 ] && flex_budget=0
 timeout $(( remaining > 60 ? remaining : 60 )) python benchmarks/gpu_report.py --budget-s $flex_budget \
   --profile "$logs/profile.txt" 2>&1 | tee "$logs/report.txt"
-cp benchmarks/results/*-"$(date +%F)".txt "$logs/" 2>/dev/null
+# One file less to bring back (at most 8): the profile goes at the end of the report.
+[ -f "$logs/profile.txt" ] && cat "$logs/profile.txt" >>"$logs/report.txt" && rm "$logs/profile.txt"
 step "done"
