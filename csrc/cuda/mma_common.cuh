@@ -139,6 +139,44 @@ __device__ void stage_key_box(const AttentionParams<T, float>& p, const MmaLayou
   __syncthreads();
 }
 
+// The A operand (m = 16 keys, k = 16 head-dim entries from d0) of keys `row0` (group g) and `row1`
+// (g + 8) of staged rows: a lane reads its 2 adjacent elements at d0 + 2t and d0 + 2t + 8.
+template <typename T, int HD>
+__device__ __forceinline__ void rows_as_a(const T* rows, int row0, int row1, int d, uint32_t (&a)[4]) {
+  constexpr int kRow = HD + kRowPad;
+  a[0] = *reinterpret_cast<const uint32_t*>(rows + row0 * kRow + d);
+  a[1] = *reinterpret_cast<const uint32_t*>(rows + row1 * kRow + d);
+  a[2] = *reinterpret_cast<const uint32_t*>(rows + row0 * kRow + d + 8);
+  a[3] = *reinterpret_cast<const uint32_t*>(rows + row1 * kRow + d + 8);
+}
+
+// acc^T += R^T B over the 16 box keys of `tile` (keys tile*16 + 2t + {0, 1, 8, 9} per lane): R^T
+// (m = head dim, k = keys) gathered from staged rows `rows` as A operands, B (k = keys, n = the
+// window's queries) given as its two registers. acc is the C fragment of each 16-row head-dim
+// tile (O^T = V^T P^T in the forward, dQ^T = K^T dS^T in the backward).
+template <typename T, int HD>
+__device__ __forceinline__ void accumulate_rows_transposed(float (&acc)[HD / 16][4], const T* rows,
+                                                           const StagedBox<T>& box, int tile, int row_offset,
+                                                           uint32_t b_lo, uint32_t b_hi) {
+  constexpr int kRow = HD + kRowPad;
+  const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(rows);
+  const int key = tile * 16 + 2 * quad;
+  const int row0 = (box.key_row[key] + row_offset) * kRow, row1 = (box.key_row[key + 1] + row_offset) * kRow;
+  const int row2 = (box.key_row[key + 8] + row_offset) * kRow, row3 = (box.key_row[key + 9] + row_offset) * kRow;
+#pragma unroll
+  for (int mt = 0; mt < HD / 16; ++mt) {
+    const int d = mt * 16 + group;
+    const uint32_t a[4] = {
+        pack_bits(bits[row0 + d], bits[row1 + d]),
+        pack_bits(bits[row0 + d + 8], bits[row1 + d + 8]),
+        pack_bits(bits[row2 + d], bits[row3 + d]),
+        pack_bits(bits[row2 + d + 8], bits[row3 + d + 8]),
+    };
+    Mma<T>::run(acc[mt], a, b_lo, b_hi);
+  }
+}
+
 // Query slots (0..7, row-major over the window) of window (wz, wy, wx).
 struct WindowQueries {
   const WindowGeometry& g;

@@ -79,7 +79,6 @@ __global__ void __launch_bounds__(kMaxWindowsPerBlock * 32, 1)
 
   const float scale_log2 = p.scale * kLog2e;
   const bool with_bias = p.rel_pos_bias != nullptr;
-  const uint16_t* value_bits = reinterpret_cast<const uint16_t*>(box.value);
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   float o[kSteps][4];
 #pragma unroll
@@ -93,13 +92,8 @@ __global__ void __launch_bounds__(kMaxWindowsPerBlock * 32, 1)
     float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int ks = 0; ks < kSteps; ++ks) {
-      const int d = ks * 16 + 2 * quad;
-      const uint32_t a[4] = {
-          *reinterpret_cast<const uint32_t*>(box.key + row0 * kRow + d),
-          *reinterpret_cast<const uint32_t*>(box.key + row1 * kRow + d),
-          *reinterpret_cast<const uint32_t*>(box.key + row0 * kRow + d + 8),
-          *reinterpret_cast<const uint32_t*>(box.key + row1 * kRow + d + 8),
-      };
+      uint32_t a[4];
+      rows_as_a<T, HD>(box.key, row0, row1, ks * 16 + 2 * quad, a);
       Mma<T>::run(s, a, q_frag[ks][0], q_frag[ks][1]);
     }
     // Scores in base 2: scale * log2(e) * <q, k> + log2(e) * bias, -inf for masked/tail keys.
@@ -139,21 +133,7 @@ __global__ void __launch_bounds__(kMaxWindowsPerBlock * 32, 1)
     // P^T as the B operand (k = keys, n = queries): transpose the two 8 x 8 halves.
     const uint32_t p_lo = transpose_8x8(pack2<T>(prob[0], prob[1]));  // keys 2*quad.., query group
     const uint32_t p_hi = transpose_8x8(pack2<T>(prob[2], prob[3]));  // keys 8 + 2*quad..
-    // V^T as the A operand (m = head dim, k = keys): keys tile*16 + 2*quad + {0, 1, 8, 9}.
-    const int key_b = tile * 16 + 2 * quad;
-    const int vrow0 = (box.key_row[key_b] + row_offset) * kRow, vrow1 = (box.key_row[key_b + 1] + row_offset) * kRow;
-    const int vrow2 = (box.key_row[key_b + 8] + row_offset) * kRow, vrow3 = (box.key_row[key_b + 9] + row_offset) * kRow;
-#pragma unroll
-    for (int mt = 0; mt < kSteps; ++mt) {
-      const int d = mt * 16 + group;
-      const uint32_t a[4] = {
-          pack_bits(value_bits[vrow0 + d], value_bits[vrow1 + d]),
-          pack_bits(value_bits[vrow0 + d + 8], value_bits[vrow1 + d + 8]),
-          pack_bits(value_bits[vrow2 + d], value_bits[vrow3 + d]),
-          pack_bits(value_bits[vrow2 + d + 8], value_bits[vrow3 + d + 8]),
-      };
-      Mma<T>::run(o[mt], a, p_lo, p_hi);
-    }
+    accumulate_rows_transposed<T, HD>(o, box.value, box, tile, row_offset, p_lo, p_hi);  // O^T += V^T P^T
   }
 
   // Each query's sum over the 8 lanes that share its column.

@@ -166,7 +166,6 @@ __global__ void __launch_bounds__(kMaxWindowsPerBlock * 32, 1)
     }
 
     const float scale = p.scale, scale_log2 = p.scale * kLog2e;
-    const uint16_t* key_bits = reinterpret_cast<const uint16_t*>(box.key);
     float dq[kSteps][4];
 #pragma unroll
     for (int mt = 0; mt < kSteps; ++mt) dq[mt][0] = dq[mt][1] = dq[mt][2] = dq[mt][3] = 0.f;
@@ -180,21 +179,11 @@ __global__ void __launch_bounds__(kMaxWindowsPerBlock * 32, 1)
       float s[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int ks = 0; ks < kSteps; ++ks) {
-        const int d = ks * 16 + 2 * quad;
-        const uint32_t a_key[4] = {
-            *reinterpret_cast<const uint32_t*>(box.key + row0 * kRow + d),
-            *reinterpret_cast<const uint32_t*>(box.key + row1 * kRow + d),
-            *reinterpret_cast<const uint32_t*>(box.key + row0 * kRow + d + 8),
-            *reinterpret_cast<const uint32_t*>(box.key + row1 * kRow + d + 8),
-        };
-        Mma<T>::run(s, a_key, q_frag[ks][0], q_frag[ks][1]);
-        const uint32_t a_value[4] = {
-            *reinterpret_cast<const uint32_t*>(box.value + row0 * kRow + d),
-            *reinterpret_cast<const uint32_t*>(box.value + row1 * kRow + d),
-            *reinterpret_cast<const uint32_t*>(box.value + row0 * kRow + d + 8),
-            *reinterpret_cast<const uint32_t*>(box.value + row1 * kRow + d + 8),
-        };
-        Mma<T>::run(dp, a_value, do_frag[ks][0], do_frag[ks][1]);
+        uint32_t a[4];
+        rows_as_a<T, HD>(box.key, row0, row1, ks * 16 + 2 * quad, a);
+        Mma<T>::run(s, a, q_frag[ks][0], q_frag[ks][1]);
+        rows_as_a<T, HD>(box.value, row0, row1, ks * 16 + 2 * quad, a);
+        Mma<T>::run(dp, a, do_frag[ks][0], do_frag[ks][1]);
       }
       float prob[4], ds[4];
 #pragma unroll
@@ -223,22 +212,7 @@ __global__ void __launch_bounds__(kMaxWindowsPerBlock * 32, 1)
       const uint32_t ds_a0 = pack2<T>(ds[0] * scale, ds[1] * scale);
       const uint32_t ds_a1 = pack2<T>(ds[2] * scale, ds[3] * scale);
       const uint32_t ds_lo = transpose_8x8(ds_a0), ds_hi = transpose_8x8(ds_a1);
-      // K^T as the A operand (m = head dim, k = keys): keys tile*16 + 2*quad + {0, 1, 8, 9}.
-      const int key_b = tile * 16 + 2 * quad;
-      const int krow0 = (box.key_row[key_b] + row_offset) * kRow, krow1 = (box.key_row[key_b + 1] + row_offset) * kRow;
-      const int krow2 = (box.key_row[key_b + 8] + row_offset) * kRow;
-      const int krow3 = (box.key_row[key_b + 9] + row_offset) * kRow;
-#pragma unroll
-      for (int mt = 0; mt < kSteps; ++mt) {
-        const int d = mt * 16 + group;
-        const uint32_t a[4] = {
-            pack_bits(key_bits[krow0 + d], key_bits[krow1 + d]),
-            pack_bits(key_bits[krow0 + d + 8], key_bits[krow1 + d + 8]),
-            pack_bits(key_bits[krow2 + d], key_bits[krow3 + d]),
-            pack_bits(key_bits[krow2 + d + 8], key_bits[krow3 + d + 8]),
-        };
-        Mma<T>::run(dq[mt], a, ds_lo, ds_hi);
-      }
+      accumulate_rows_transposed<T, HD>(dq, box.key, box, tile, row_offset, ds_lo, ds_hi);  // dQ^T += K^T dS^T
       // dK and dV of the tile's keys; rows outside the volume (padding) and tail keys have no token.
       const uint32_t p_a0 = pack2<T>(prob[0], prob[1]), p_a1 = pack2<T>(prob[2], prob[3]);
       const int voxel0 = key0 < box_keys ? box.row_voxel[row0] : -1;
