@@ -66,7 +66,7 @@ step "cuda tests rc $cuda_rc: $(tail -n 1 "$logs/tests-cuda.txt"); $(grep -E '^(
 {
   echo "CC=${CC:-} CXX=${CXX:-} LDSHARED=${LDSHARED:-}; g++: $(g++ --version | head -n 1)"
   [ -x /opt/gcc/bin/g++ ] && echo "/opt/gcc/bin/g++: $(/opt/gcc/bin/g++ --version | head -n 1)"
-  python -c "import torch; print('torch built with', torch.__config__.show().split('Compiler')[1].split(chr(10))[0][:80])" 2>/dev/null
+  python -c "import torch; print('torch built with', torch.__config__.show().splitlines()[1].strip())"
   timeout 60 python benchmarks/error_path_probe.py
 } >>"$logs/sanitizer.txt" 2>&1
 step "error path probe: $(tail -n 2 "$logs/sanitizer.txt" | tr '\n' ' ')"
