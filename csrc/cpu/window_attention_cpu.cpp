@@ -99,29 +99,6 @@ void run_backward(const AttentionParams<scalar_t, acc_t>& p, int64_t color, int6
 template <typename T> struct Storage { using type = T; };
 template <> struct Storage<at::BFloat16> { using type = uint16_t; };
 
-template <typename scalar_t, typename acc_t, typename at_t>
-AttentionParams<scalar_t, acc_t> make_params(const at::Tensor& query, const at::Tensor& key,
-                                             const at::Tensor& value, const WindowGeometry& geometry,
-                                             double scale, const at::Tensor& bias,
-                                             const at::Tensor& pad_key, const at::Tensor& pad_value) {
-  AttentionParams<scalar_t, acc_t> p{};
-  p.geometry = geometry;
-  p.batch = query.size(0);
-  p.heads = query.size(4);
-  p.head_dim = query.size(5);
-  p.scale = static_cast<acc_t>(scale);
-  p.query = reinterpret_cast<const scalar_t*>(query.const_data_ptr<at_t>());
-  p.key = reinterpret_cast<const scalar_t*>(key.const_data_ptr<at_t>());
-  p.value = reinterpret_cast<const scalar_t*>(value.const_data_ptr<at_t>());
-  p.query_strides = token_strides(query);
-  p.key_strides = token_strides(key);
-  p.value_strides = token_strides(value);
-  p.rel_pos_bias = bias.defined() ? reinterpret_cast<const scalar_t*>(bias.const_data_ptr<at_t>()) : nullptr;
-  p.pad_key = pad_key.defined() ? reinterpret_cast<const scalar_t*>(pad_key.const_data_ptr<at_t>()) : nullptr;
-  p.pad_value = pad_value.defined() ? reinterpret_cast<const scalar_t*>(pad_value.const_data_ptr<at_t>()) : nullptr;
-  return p;
-}
-
 at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -145,8 +122,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& query_in, const at:
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, query.scalar_type(), "window_attention_forward_cpu", [&] {
     using storage_t = typename Storage<scalar_t>::type;
     using acc_t = at::opmath_type<scalar_t>;
-    auto p = make_params<storage_t, acc_t, scalar_t>(query, in.key, in.value, g, scale, in.rel_pos_bias,
-                                                      in.pad_key, in.pad_value);
+    auto p = input_params<storage_t, acc_t, scalar_t>(in, scale);
     p.out = reinterpret_cast<storage_t*>(out.mutable_data_ptr<scalar_t>());
     p.lse = lse.mutable_data_ptr<acc_t>();
     at::parallel_for(0, tasks, 8, [&](int64_t begin, int64_t end) {
@@ -170,12 +146,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor grad_out = last_dim_contiguous(grad_out_in);
   const at::Tensor out = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
-  TORCH_CHECK(grad_out.sizes() == query.sizes() && out.sizes() == query.sizes(),
-              "window_attention_backward: grad_out and out must have the shape of query");
-  TORCH_CHECK(lse.scalar_type() == accumulation_type(query.scalar_type()) &&
-                  lse.sizes() == at::IntArrayRef({query.size(0), query.size(4), query.size(1), query.size(2), query.size(3)}),
-              "window_attention_backward: lse must be (B, heads, D, H, W) in the accumulation type");
   const auto acc_type = accumulation_type(query.scalar_type());
+  check_backward_tensors(query, grad_out, out, lse, acc_type);
   const bool same_type = acc_type == query.scalar_type();
   const auto contiguous = query.options().memory_format(at::MemoryFormat::Contiguous);
 
@@ -196,15 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, query.scalar_type(), "window_attention_backward_cpu", [&] {
       using storage_t = typename Storage<scalar_t>::type;
       using acc_t = at::opmath_type<scalar_t>;
-      auto p = make_params<storage_t, acc_t, scalar_t>(query, in.key, in.value, g, scale, in.rel_pos_bias,
-                                                        in.pad_key, in.pad_value);
-      p.out = const_cast<storage_t*>(reinterpret_cast<const storage_t*>(out.const_data_ptr<scalar_t>()));
-      p.lse = const_cast<acc_t*>(lse.const_data_ptr<acc_t>());
-      p.grad_out = reinterpret_cast<const storage_t*>(grad_out.const_data_ptr<scalar_t>());
-      p.grad_out_strides = token_strides(grad_out);
-      p.grad_query = reinterpret_cast<storage_t*>(grad_query.mutable_data_ptr<scalar_t>());
-      p.grad_key = grad_key.mutable_data_ptr<acc_t>();
-      p.grad_value = grad_value.mutable_data_ptr<acc_t>();
+      auto p = backward_params<storage_t, acc_t, scalar_t>(in, scale, grad_out, out, lse, grad_query, grad_key,
+                                                           grad_value);
       p.partials = partials.defined() ? partials.mutable_data_ptr<double>() : nullptr;
       p.partial_stride = partial_stride;
       // One pass per colour, in a fixed order (see backward_windows()).

@@ -9,6 +9,8 @@
 // pad_key/pad_value (constant padding) or zeros with a -inf mask (mask padding).
 #pragma once
 
+#include <type_traits>
+
 #include "cuda_common.cuh"
 #include "xmorpher_kernels/attention_params.h"
 
@@ -45,6 +47,51 @@ inline MmaLayout mma_layout(const WindowGeometry& g, int64_t head_dim, int64_t w
   m.table_bytes = 2 * m.keys * 4;
   m.voxel_bytes = voxel_table ? m.rows * 4 : 0;
   return m;
+}
+
+// Whether the tensor-core kernels cover a call: windows of at most 8 queries (the 8-column side
+// of m16n8k16), head_dim a multiple of 16 up to 128, box rows indexable in 32 bits.
+inline bool tensor_cores_cover(const WindowGeometry& g, int64_t head_dim) {
+  return g.window[0] * g.window[1] * g.window[2] <= 8 && head_dim % 16 == 0 && head_dim <= kMaxHeadDim &&
+         g.search[0] * g.search[1] * g.search[2] < (int64_t{1} << 20);
+}
+
+// The most shared memory one block of the current device may opt in to.
+inline int64_t optin_shared_memory() {
+  int device = 0, bytes = 0;
+  XK_CHECK_CUDA(cudaGetDevice(&device), "cudaGetDevice");
+  XK_CHECK_CUDA(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  return bytes;
+}
+
+// The most windows per block (a power of two, not more than `windows_x`) whose staged box fits
+// kSmemBudget; one window per block may use all the shared memory there is. The other
+// arguments are mma_layout()'s.
+inline int windows_per_block_within_budget(const WindowGeometry& g, int64_t head_dim, int64_t windows_x,
+                                           int64_t window_step, bool with_bias, int64_t accumulators,
+                                           bool voxel_table) {
+  int windows = 1;
+  while (windows < kMaxWindowsPerBlock && 2 * windows <= windows_x &&
+         mma_layout(g, head_dim, 2 * windows, window_step, with_bias, accumulators, voxel_table).total() <= kSmemBudget)
+    windows *= 2;
+  return windows;
+}
+
+// Calls f(std::integral_constant<int, HD>{}) for head_dim HD = 16, 32, ..., 128 (as
+// tensor_cores_cover() admits), so each kernel is instantiated per head_dim once.
+template <typename F>
+void dispatch_head_dim(int64_t head_dim, F&& f) {
+  switch (head_dim) {
+    case 16: return f(std::integral_constant<int, 16>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 48: return f(std::integral_constant<int, 48>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 80: return f(std::integral_constant<int, 80>{});
+    case 96: return f(std::integral_constant<int, 96>{});
+    case 112: return f(std::integral_constant<int, 112>{});
+    default: return f(std::integral_constant<int, 128>{});
+  }
 }
 
 // The block's shared memory carved as mma_layout() says.

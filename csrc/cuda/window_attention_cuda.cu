@@ -43,34 +43,7 @@ OpInputs check_cuda_inputs(const char* op, const at::Tensor& query, const at::Te
                                 {at::kFloat, at::kHalf, at::kBFloat16});
   TORCH_CHECK(query.size(5) <= kMaxHeadDim, op, " (cuda): head_dim must be at most ", kMaxHeadDim, ", got ",
               query.size(5));
-  for (const at::Tensor* t : {&in.rel_pos_bias, &in.pad_key, &in.pad_value}) {
-    TORCH_CHECK(!t->defined() || t->device() == query.device(), op,
-                ": rel_pos_bias, pad_key and pad_value must be on the device of query");
-  }
   return in;
-}
-
-template <typename T, typename at_t>
-AttentionParams<T, float> make_params(const OpInputs& in, double scale) {
-  AttentionParams<T, float> p{};
-  p.geometry = in.geometry;
-  p.batch = in.query.size(0);
-  p.heads = in.query.size(4);
-  p.head_dim = in.query.size(5);
-  p.scale = static_cast<float>(scale);
-  p.query = reinterpret_cast<const T*>(in.query.const_data_ptr<at_t>());
-  p.key = reinterpret_cast<const T*>(in.key.const_data_ptr<at_t>());
-  p.value = reinterpret_cast<const T*>(in.value.const_data_ptr<at_t>());
-  p.query_strides = token_strides(in.query);
-  p.key_strides = token_strides(in.key);
-  p.value_strides = token_strides(in.value);
-  auto optional_ptr = [](const at::Tensor& t) {
-    return t.defined() ? reinterpret_cast<const T*>(t.const_data_ptr<at_t>()) : nullptr;
-  };
-  p.rel_pos_bias = optional_ptr(in.rel_pos_bias);
-  p.pad_key = optional_ptr(in.pad_key);
-  p.pad_value = optional_ptr(in.pad_value);
-  return p;
 }
 
 // Whether key, value and pad rows can be read 16 bytes at a time by the tensor-core kernel.
@@ -105,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& query_in, const at:
   dispatch_dtype(query.scalar_type(), "window_attention_forward", [&](auto tag) {
     using scalar_t = decltype(tag);
     using T = typename Storage<scalar_t>::type;
-    auto p = make_params<T, scalar_t>(in, scale);
+    auto p = input_params<T, float, scalar_t>(in, scale);
     p.out = reinterpret_cast<T*>(out.mutable_data_ptr<scalar_t>());
     p.lse = lse.mutable_data_ptr<float>();
     bool done = false;
@@ -150,14 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor grad_out = last_dim_contiguous(grad_out_in);
   const at::Tensor out = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
-  TORCH_CHECK(grad_out.sizes() == query.sizes() && out.sizes() == query.sizes(),
-              "window_attention_backward: grad_out and out must have the shape of query");
-  TORCH_CHECK(grad_out.scalar_type() == query.scalar_type() && out.scalar_type() == query.scalar_type(),
-              "window_attention_backward: grad_out and out must have the dtype of query");
-  TORCH_CHECK(grad_out.device() == query.device() && out.device() == query.device() && lse.device() == query.device(),
-              "window_attention_backward: grad_out, out and lse must be on the device of query");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == query.numel() / std::max<int64_t>(query.size(5), 1),
-              "window_attention_backward: lse must be float32 (B, heads, D, H, W)");
+  check_backward_tensors(query, grad_out, out, lse, at::kFloat);
 
   // Deterministic mode: the atomic-free schedules (colour passes of the tensor-core kernel, or
   // the key-side generic kernel). Otherwise fp32 atomics.
@@ -179,14 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     dispatch_dtype(query.scalar_type(), "window_attention_backward", [&](auto tag) {
       using scalar_t = decltype(tag);
       using T = typename Storage<scalar_t>::type;
-      auto p = make_params<T, scalar_t>(in, scale);
-      p.out = const_cast<T*>(reinterpret_cast<const T*>(out.const_data_ptr<scalar_t>()));
-      p.lse = const_cast<float*>(lse.const_data_ptr<float>());
-      p.grad_out = reinterpret_cast<const T*>(grad_out.const_data_ptr<scalar_t>());
-      p.grad_out_strides = token_strides(grad_out);
-      p.grad_query = reinterpret_cast<T*>(grad_query.mutable_data_ptr<scalar_t>());
-      p.grad_key = grad_key.mutable_data_ptr<float>();
-      p.grad_value = grad_value.mutable_data_ptr<float>();
+      auto p = backward_params<T, float, scalar_t>(in, scale, grad_out, out, lse, grad_query, grad_key, grad_value);
       if constexpr (!std::is_same_v<T, float>) {
         at::Tensor fixed, exponent, inv_unit;  // fixed-point sums: the same in any order
         if (partial_stride > 0) {

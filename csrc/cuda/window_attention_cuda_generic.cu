@@ -76,6 +76,17 @@ __device__ __forceinline__ const T* shfl_pointer(const T* ptr, int src) {
       __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(ptr), src));
 }
 
+// acc += w * row over this lane's head-dim elements (d = lane + 32 c): a warp adds one weighted
+// token row, read straight from memory.
+template <typename T>
+__device__ __forceinline__ void add_scaled_row(float (&acc)[kLaneChunks], float w, const T* row, int lane, int hd) {
+#pragma unroll
+  for (int c = 0; c < kLaneChunks; ++c) {
+    const int d = lane + 32 * c;
+    if (d < hd) acc[c] += w * to_float(row[d]);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     forward_generic_kernel(const AttentionParams<T, float> p, int64_t num_tasks) {
@@ -146,11 +157,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       live &= live - 1;
       const float pj = __shfl_sync(kFullMask, prob, src);
       const T* vj = shfl_pointer(v_row, src);
-#pragma unroll
-      for (int c = 0; c < kLaneChunks; ++c) {
-        const int d = lane + 32 * c;
-        if (d < hd) acc[c] += pj * to_float(vj[d]);
-      }
+      add_scaled_row(acc, pj, vj, lane, hd);
     }
   }
 
@@ -263,11 +270,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 1)
         live &= live - 1;
         const float ds_j = __shfl_sync(kFullMask, ds, src);
         const T* k_j = shfl_pointer(k_row, src);
-#pragma unroll
-        for (int c = 0; c < kLaneChunks; ++c) {
-          const int d = lane + 32 * c;
-          if (d < hd) dq[c] += ds_j * to_float(k_j[d]);
-        }
+        add_scaled_row(dq, ds_j, k_j, lane, hd);
         if (kAtomicKeyGrads) {
           const float p_j = __shfl_sync(kFullMask, prob, src);
           const int64_t token_j = __shfl_sync(kFullMask, static_cast<long long>(key_token), src);
@@ -292,14 +295,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 1)
     }
     if (constant_padding) {
       const float sum_ds = warp_sum(pad_ds), sum_prob = warp_sum(pad_prob);
-#pragma unroll
-      for (int c = 0; c < kLaneChunks; ++c) {
-        const int d = lane + 32 * c;
-        if (d < hd) {
-          pad_key_grad[c] += sum_ds * q_s[d];
-          pad_value_grad[c] += sum_prob * do_s[d];
-        }
-      }
+      add_scaled_row(pad_key_grad, sum_ds, q_s, lane, hd);
+      add_scaled_row(pad_value_grad, sum_prob, do_s, lane, hd);
     }
     if (delta_out != nullptr && lane == 0) delta_out[(b * p.heads + h) * dims.voxels + pos] = delta;
     __syncwarp();  // q_s / do_s are rewritten for the next query
@@ -394,14 +391,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 1)
             const float p_j = __shfl_sync(kFullMask, prob, src);
             const T* q_j = shfl_pointer(q_row, src);
             const T* do_j = shfl_pointer(do_row, src);
-#pragma unroll
-            for (int c = 0; c < kLaneChunks; ++c) {
-              const int d = lane + 32 * c;
-              if (d < hd) {
-                acc_k[c] += ds_j * to_float(q_j[d]);
-                acc_v[c] += p_j * to_float(do_j[d]);
-              }
-            }
+            add_scaled_row(acc_k, ds_j, q_j, lane, hd);
+            add_scaled_row(acc_v, p_j, do_j, lane, hd);
           }
         }
       }

@@ -184,35 +184,18 @@ void launch(const AttentionParams<T, float>& p, const MmaLayout& layout, int win
 template <typename T>
 bool launch_forward_mma(const AttentionParams<T, float>& p, bool vector_loads, cudaStream_t stream) {
   const WindowGeometry& g = p.geometry;
-  if (g.window[0] * g.window[1] * g.window[2] > 8 || p.head_dim % 16 != 0 || p.head_dim > kMaxHeadDim) return false;
-  if (g.search[0] * g.search[1] * g.search[2] >= (int64_t{1} << 20)) return false;  // 32-bit row indices
-  int device = 0, optin_smem = 0;
-  XK_CHECK_CUDA(cudaGetDevice(&device), "cudaGetDevice");
-  XK_CHECK_CUDA(cudaDeviceGetAttribute(&optin_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  if (!tensor_cores_cover(g, p.head_dim)) return false;
   const bool with_bias = p.rel_pos_bias != nullptr;
   const int64_t nwx = num_windows(g, 2);
-  // The most windows per block (a power of two, not more than there are along x) whose staged
-  // box fits the budget; one window per block may use all the shared memory there is.
-  int windows_per_block = 1;
-  while (windows_per_block < kMaxWindowsPerBlock && 2 * windows_per_block <= nwx &&
-         mma_layout(g, p.head_dim, 2 * windows_per_block, 1, with_bias, 0, false).total() <= kSmemBudget)
-    windows_per_block *= 2;
+  const int windows_per_block = windows_per_block_within_budget(g, p.head_dim, nwx, 1, with_bias, 0, false);
   const MmaLayout layout = mma_layout(g, p.head_dim, windows_per_block, 1, with_bias, 0, false);
-  if (layout.total() > optin_smem) return false;
+  if (layout.total() > optin_shared_memory()) return false;
   const int64_t blocks = p.batch * p.heads * num_windows(g, 0) * num_windows(g, 1) *
                          ((nwx + windows_per_block - 1) / windows_per_block);
   if (blocks > INT32_MAX) return false;
-  switch (p.head_dim) {
-    case 16: launch<T, 16>(p, layout, windows_per_block, vector_loads, blocks, stream); break;
-    case 32: launch<T, 32>(p, layout, windows_per_block, vector_loads, blocks, stream); break;
-    case 48: launch<T, 48>(p, layout, windows_per_block, vector_loads, blocks, stream); break;
-    case 64: launch<T, 64>(p, layout, windows_per_block, vector_loads, blocks, stream); break;
-    case 80: launch<T, 80>(p, layout, windows_per_block, vector_loads, blocks, stream); break;
-    case 96: launch<T, 96>(p, layout, windows_per_block, vector_loads, blocks, stream); break;
-    case 112: launch<T, 112>(p, layout, windows_per_block, vector_loads, blocks, stream); break;
-    default: launch<T, 128>(p, layout, windows_per_block, vector_loads, blocks, stream); break;
-  }
+  dispatch_head_dim(p.head_dim, [&](auto head_dim) {
+    launch<T, decltype(head_dim)::value>(p, layout, windows_per_block, vector_loads, blocks, stream);
+  });
   return true;
 }
 

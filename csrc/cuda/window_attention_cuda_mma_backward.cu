@@ -298,34 +298,14 @@ void launch_one(const AttentionParams<T, float>& p, const BackwardLaunch& launch
   XK_CHECK_LAUNCH("backward_mma_kernel");
 }
 
-template <typename T, bool kAtomic>
-void launch_head_dim(const AttentionParams<T, float>& p, const BackwardLaunch& launch, int64_t blocks,
-                     cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 16: return launch_one<T, 16, kAtomic>(p, launch, blocks, stream);
-    case 32: return launch_one<T, 32, kAtomic>(p, launch, blocks, stream);
-    case 48: return launch_one<T, 48, kAtomic>(p, launch, blocks, stream);
-    case 64: return launch_one<T, 64, kAtomic>(p, launch, blocks, stream);
-    case 80: return launch_one<T, 80, kAtomic>(p, launch, blocks, stream);
-    case 96: return launch_one<T, 96, kAtomic>(p, launch, blocks, stream);
-    case 112: return launch_one<T, 112, kAtomic>(p, launch, blocks, stream);
-    default: return launch_one<T, 128, kAtomic>(p, launch, blocks, stream);
-  }
-}
-
 }  // namespace
 
 template <typename T>
 bool launch_backward_mma(const AttentionParams<T, float>& p, bool vector_loads, bool deterministic,
                          unsigned long long* fixed, const double* inv_unit, cudaStream_t stream) {
   const WindowGeometry& g = p.geometry;
-  if (g.window[0] * g.window[1] * g.window[2] > 8 || p.head_dim % 16 != 0 || p.head_dim > kMaxHeadDim) return false;
-  if (g.search[0] * g.search[1] * g.search[2] >= (int64_t{1} << 20)) return false;  // 32-bit row indices
-  if (g.volume[0] * g.volume[1] * g.volume[2] >= INT32_MAX) return false;            // 32-bit voxel table
-  int device = 0, optin_smem = 0;
-  XK_CHECK_CUDA(cudaGetDevice(&device), "cudaGetDevice");
-  XK_CHECK_CUDA(cudaDeviceGetAttribute(&optin_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  if (!tensor_cores_cover(g, p.head_dim)) return false;
+  if (g.volume[0] * g.volume[1] * g.volume[2] >= INT32_MAX) return false;  // 32-bit voxel table
   const bool with_bias = p.rel_pos_bias != nullptr;
   const int64_t accumulators = (with_bias ? bias_extent(g, 0) * bias_extent(g, 1) * bias_extent(g, 2) : 0) +
                                (p.pad_key != nullptr ? 2 * p.head_dim : 0);
@@ -334,17 +314,13 @@ bool launch_backward_mma(const AttentionParams<T, float>& p, bool vector_loads, 
   int64_t period[3] = {1, 1, 1};
   if (deterministic)
     for (int axis = 0; axis < 3; ++axis) period[axis] = color_period(g, axis);
-  // The most windows per block (a power of two, not more than a launch has along x) whose staged
-  // box fits the budget; one window per block may use all the shared memory there is.
+  // Not more windows per block than a launch has along x.
   const int64_t most_x = deterministic ? windows_of_color(g, 2, 0) : num_windows(g, 2);
-  int windows_per_block = 1;
-  while (windows_per_block < kMaxWindowsPerBlock && 2 * windows_per_block <= most_x &&
-         mma_layout(g, p.head_dim, 2 * windows_per_block, period[2], with_bias, accumulators, true).total() <=
-             kSmemBudget)
-    windows_per_block *= 2;
+  const int windows_per_block =
+      windows_per_block_within_budget(g, p.head_dim, most_x, period[2], with_bias, accumulators, true);
   BackwardLaunch launch{};
   launch.layout = mma_layout(g, p.head_dim, windows_per_block, period[2], with_bias, accumulators, true);
-  if (launch.layout.total() > optin_smem) return false;
+  if (launch.layout.total() > optin_shared_memory()) return false;
   launch.windows_per_block = windows_per_block;
   launch.vector_loads = vector_loads;
   launch.fixed = fixed;
@@ -364,11 +340,14 @@ bool launch_backward_mma(const AttentionParams<T, float>& p, bool vector_loads, 
         launch.x_blocks = (launch.count[2] + windows_per_block - 1) / windows_per_block;
         const int64_t blocks = p.batch * p.heads * launch.count[0] * launch.count[1] * launch.x_blocks;
         TORCH_CHECK(blocks <= INT32_MAX, "xmorpher_kernels: backward_mma_kernel: problem too large for one launch");
-        if (deterministic) {
-          launch_head_dim<T, false>(p, launch, blocks, stream);
-        } else {
-          launch_head_dim<T, true>(p, launch, blocks, stream);
-        }
+        dispatch_head_dim(p.head_dim, [&](auto head_dim) {
+          constexpr int kHeadDim = decltype(head_dim)::value;
+          if (deterministic) {
+            launch_one<T, kHeadDim, false>(p, launch, blocks, stream);
+          } else {
+            launch_one<T, kHeadDim, true>(p, launch, blocks, stream);
+          }
+        });
       }
   return true;
 }

@@ -80,7 +80,69 @@ inline OpInputs check_op_inputs(const char* op, const at::Tensor& query, const a
     in.pad_key = pad_key->contiguous();
     in.pad_value = pad_value->contiguous();
   }
+  for (const at::Tensor* t : {&in.rel_pos_bias, &in.pad_key, &in.pad_value}) {
+    TORCH_CHECK(!t->defined() || t->device() == query.device(), op,
+                ": rel_pos_bias, pad_key and pad_value must be on the device of query");
+  }
   return in;
+}
+
+// The backward's own inputs, against query: grad_out and out of its shape, dtype and device, the
+// log-sum-exp (B, heads, D, H, W) in `lse_dtype` (the kernels' accumulation type).
+inline void check_backward_tensors(const at::Tensor& query, const at::Tensor& grad_out, const at::Tensor& out,
+                                   const at::Tensor& lse, at::ScalarType lse_dtype) {
+  TORCH_CHECK(grad_out.sizes() == query.sizes() && out.sizes() == query.sizes(),
+              "window_attention_backward: grad_out and out must have the shape of query");
+  TORCH_CHECK(grad_out.scalar_type() == query.scalar_type() && out.scalar_type() == query.scalar_type(),
+              "window_attention_backward: grad_out and out must have the dtype of query");
+  TORCH_CHECK(grad_out.device() == query.device() && out.device() == query.device() && lse.device() == query.device(),
+              "window_attention_backward: grad_out, out and lse must be on the device of query");
+  TORCH_CHECK(lse.scalar_type() == lse_dtype &&
+                  lse.sizes() == at::IntArrayRef({query.size(0), query.size(4), query.size(1), query.size(2), query.size(3)}),
+              "window_attention_backward: lse must be (B, heads, D, H, W) in ", lse_dtype);
+}
+
+// Kernel params of a call's inputs. `scalar_t` is the kernels' storage type of the ATen type
+// `at_t`, `acc_t` their accumulation type.
+template <typename scalar_t, typename acc_t, typename at_t>
+AttentionParams<scalar_t, acc_t> input_params(const OpInputs& in, double scale) {
+  auto pointer = [](const at::Tensor& t) {
+    return t.defined() ? reinterpret_cast<const scalar_t*>(t.const_data_ptr<at_t>()) : nullptr;
+  };
+  AttentionParams<scalar_t, acc_t> p{};
+  p.geometry = in.geometry;
+  p.batch = in.query.size(0);
+  p.heads = in.query.size(4);
+  p.head_dim = in.query.size(5);
+  p.scale = static_cast<acc_t>(scale);
+  p.query = pointer(in.query);
+  p.key = pointer(in.key);
+  p.value = pointer(in.value);
+  p.query_strides = token_strides(in.query);
+  p.key_strides = token_strides(in.key);
+  p.value_strides = token_strides(in.value);
+  p.rel_pos_bias = pointer(in.rel_pos_bias);
+  p.pad_key = pointer(in.pad_key);
+  p.pad_value = pointer(in.pad_value);
+  return p;
+}
+
+// input_params() plus the backward's tensors: grad_out (last dimension contiguous), out and lse
+// (contiguous), and its outputs, grad_query and the accumulators grad_key/grad_value (contiguous,
+// in acc_t).
+template <typename scalar_t, typename acc_t, typename at_t>
+AttentionParams<scalar_t, acc_t> backward_params(const OpInputs& in, double scale, const at::Tensor& grad_out,
+                                                 const at::Tensor& out, const at::Tensor& lse,
+                                                 at::Tensor& grad_query, at::Tensor& grad_key, at::Tensor& grad_value) {
+  AttentionParams<scalar_t, acc_t> p = input_params<scalar_t, acc_t, at_t>(in, scale);
+  p.out = const_cast<scalar_t*>(reinterpret_cast<const scalar_t*>(out.const_data_ptr<at_t>()));
+  p.lse = const_cast<acc_t*>(lse.const_data_ptr<acc_t>());
+  p.grad_out = reinterpret_cast<const scalar_t*>(grad_out.const_data_ptr<at_t>());
+  p.grad_out_strides = token_strides(grad_out);
+  p.grad_query = reinterpret_cast<scalar_t*>(grad_query.mutable_data_ptr<at_t>());
+  p.grad_key = grad_key.mutable_data_ptr<acc_t>();
+  p.grad_value = grad_value.mutable_data_ptr<acc_t>();
+  return p;
 }
 
 // Gradients of the optional inputs from the kernels' partial sums reduced per head,
