@@ -147,12 +147,18 @@ class Row:
     error: str = ""
 
 
-def measure(name: str, run: Callable, shape, dtype, deterministic: bool = False) -> Row:
+def make_inputs(shape, dtype):
+    """Seeded query, key, value and rel_pos_bias (leaves requiring grad) and a grad_out."""
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(shape, generator=g, device="cuda", dtype=dtype).requires_grad_(True) for _ in range(3))
     extent = SEARCH + WINDOW - 1
     bias = (0.1 * torch.randn(shape[4], extent, extent, extent, generator=g, device="cuda", dtype=dtype)).requires_grad_(True)
     grad_out = torch.randn(shape, generator=g, device="cuda", dtype=dtype)
+    return q, k, v, bias, grad_out
+
+
+def measure(name: str, run: Callable, shape, dtype, deterministic: bool = False) -> Row:
+    q, k, v, bias, grad_out = make_inputs(shape, dtype)
     leaves = (q, k, v, bias)
     row = Row(stage="", dtype=str(dtype).replace("torch.", ""), backend=name)
     previous = torch.are_deterministic_algorithms_enabled()
@@ -264,30 +270,24 @@ def main() -> None:
         f.write(report + "\n")
     print(f"\nwritten to {path}")
     if args.profile:
-        write_kernel_profile(args.profile, [name for name in backends if name != "reference"])
+        write_kernel_profile(args.profile, {name: entry for name, entry in backends.items() if name != "reference"})
 
 
-def write_kernel_profile(path: str, names: List[str]) -> None:
-    """Where each fused backend's forward+backward time goes, kernel by kernel."""
+def write_kernel_profile(path: str, backends: Dict[str, tuple]) -> None:
+    """Where each backend's forward+backward time goes, kernel by kernel (first stage, bf16)."""
     from torch.profiler import ProfilerActivity, profile
 
     stage, shape = next(iter(STAGES.items()))
     sections = []
-    for name in names:
-        run = op_runner(name.split(" ")[0])
-        deterministic = "deterministic" in name
-        measure(name, run, shape, torch.bfloat16, deterministic)  # warm-up and compile
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
-                   for _ in range(3))
-        extent = SEARCH + WINDOW - 1
-        bias = torch.zeros(shape[4], extent, extent, extent, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for name, (run, deterministic) in backends.items():
+        q, k, v, bias, grad_out = make_inputs(shape, torch.bfloat16)
         previous = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(deterministic)
         try:
+            run(q, k, v, bias).backward(grad_out)  # compiles and autotunes outside the profile
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
-                    run(q, k, v, bias).sum().backward()
+                    run(q, k, v, bias).backward(grad_out)
                 torch.cuda.synchronize()
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70)
         except Exception as error:

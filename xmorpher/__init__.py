@@ -10,24 +10,8 @@ Models take ``(moving, fixed)`` volumes ``(B, C, D, H, W)`` and return the displ
 from .baselines import VoxelMorph, VoxelMorphConfig, XMorpherNoCross
 from .config import Config, load_config
 from .factory import build_model, model_names
-from .framework import (
-    SpatialTransformer,
-    dice_loss,
-    dice_per_label,
-    diffusion_loss,
-    hd95,
-    hd95_per_label,
-    identity_grid,
-    integrate_velocity,
-    jacobian_determinant,
-    mse_loss,
-    ncc_loss,
-    percent_nonpositive_jacobian,
-    std_log_jacobian,
-    std_log_jacobian_learn2reg_plus3,
-    warp,
-    warp_labels,
-)
+from . import framework
+from .framework import *  # noqa: F401,F403  (warping, velocity integration, losses, metrics: its __all__)
 from .model import CrossAttentionBlock, XMorpher, XMorpherConfig
 from .registration import Registrar, RegistrationResult, register
 
@@ -45,20 +29,5 @@ __all__ = [
     "CrossAttentionBlock",
     "build_model",
     "model_names",
-    "SpatialTransformer",
-    "identity_grid",
-    "warp",
-    "warp_labels",
-    "integrate_velocity",
-    "ncc_loss",
-    "mse_loss",
-    "diffusion_loss",
-    "dice_loss",
-    "dice_per_label",
-    "hd95",
-    "hd95_per_label",
-    "jacobian_determinant",
-    "percent_nonpositive_jacobian",
-    "std_log_jacobian",
-    "std_log_jacobian_learn2reg_plus3",
+    *framework.__all__,
 ]

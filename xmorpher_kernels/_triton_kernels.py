@@ -228,6 +228,45 @@ CONFIGS = [
 _TUNE_KEY = ["D", "H", "W", "head_dim", "WZ", "WY", "WX", "SZ", "SY", "SX", "HAS_BIAS", "CONSTANT_PAD"]
 
 
+@triton.jit
+def _pad_rows(PAD_KEY, PAD_VALUE, h, dims, head_dim, dtype, HEAD_DIM_PAD: tl.constexpr, CONSTANT_PAD: tl.constexpr):
+    # The rows standing for keys outside the volume: pad_key/pad_value under constant padding.
+    pad_key = tl.zeros([HEAD_DIM_PAD], dtype=dtype)
+    pad_value = tl.zeros([HEAD_DIM_PAD], dtype=dtype)
+    if CONSTANT_PAD:
+        pad_key = tl.load(PAD_KEY + h * head_dim + dims, mask=dims < head_dim, other=0.0)
+        pad_value = tl.load(PAD_VALUE + h * head_dim + dims, mask=dims < head_dim, other=0.0)
+    return pad_key, pad_value
+
+
+@triton.jit
+def _key_tile(
+    start, K, V, BIAS, q, query_coordinate, row_valid, window_x, pad_key, pad_value, b, h, z0, y0, x0,
+    stride_kb, stride_kz, stride_ky, stride_kx, stride_kh,
+    stride_vb, stride_vz, stride_vy, stride_vx, stride_vh,
+    D, H, W, dims, head_dim, scale,
+    WZ: tl.constexpr, WY: tl.constexpr, WX: tl.constexpr,
+    SZ: tl.constexpr, SY: tl.constexpr, SX: tl.constexpr,
+    LZ: tl.constexpr, LY: tl.constexpr, LX: tl.constexpr,
+    UX: tl.constexpr, UNION: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, CONSTANT_PAD: tl.constexpr,
+):
+    # Columns [start, start + BLOCK_K) of the tile's union key box: their voxels, whether each is
+    # inside the volume, the key and value rows, and the base-2 scores of the tile's rows.
+    kz, ky, kx, exists, inside = _box_columns(start, z0 - LZ, y0 - LY, x0 - LX, D, H, W, SY, UX, UNION, BLOCK_K)
+    pair = row_valid[:, None] & exists[None, :] & _in_row_box_x(kx[None, :], window_x[:, None], LX, SX)
+    if not CONSTANT_PAD:
+        pair = pair & inside[None, :]
+    k = _load_box_rows(K, _token_offsets(b, h, kz, ky, kx, stride_kb, stride_kz, stride_ky, stride_kx, stride_kh),
+                       inside, pad_key, dims, head_dim, CONSTANT_PAD)
+    v = _load_box_rows(V, _token_offsets(b, h, kz, ky, kx, stride_vb, stride_vz, stride_vy, stride_vx, stride_vh),
+                       inside, pad_value, dims, head_dim, CONSTANT_PAD)
+    bias_index = _bias_index(_bias_coordinate(kz, ky, kx, WY, WX, SY, SX)[None, :], query_coordinate[:, None],
+                             WZ, WY, WX, SY, SX, LZ, LY, LX)
+    s = _scores_log2(q, k, pair, BIAS, h, bias_index, scale, WZ, WY, WX, SZ, SY, SX, LZ, LY, LX, HAS_BIAS)
+    return kz, ky, kx, inside, k, v, s
+
+
 def _prune_wide_blocks(columns_of):
     """Drop configs whose BLOCK_K exceeds the columns a tile walks (rounded up to a power of 2)."""
 
@@ -276,11 +315,7 @@ def _forward_kernel(
     q = _load_rows(Q, _token_offsets(b, h, qz, qy, qx, stride_qb, stride_qz, stride_qy, stride_qx, stride_qh),
                    row_valid, dims, head_dim)
     query_coordinate = _bias_coordinate(qz, qy, qx, WY, WX, SY, SX)
-    pad_key = tl.zeros([HEAD_DIM_PAD], dtype=q.dtype)
-    pad_value = tl.zeros([HEAD_DIM_PAD], dtype=q.dtype)
-    if CONSTANT_PAD:
-        pad_key = tl.load(PAD_KEY + h * head_dim + dims, mask=dims < head_dim, other=0.0)
-        pad_value = tl.load(PAD_VALUE + h * head_dim + dims, mask=dims < head_dim, other=0.0)
+    pad_key, pad_value = _pad_rows(PAD_KEY, PAD_VALUE, h, dims, head_dim, q.dtype, HEAD_DIM_PAD, CONSTANT_PAD)
 
     row_max = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_Q], dtype=tl.float32)
@@ -288,17 +323,11 @@ def _forward_kernel(
     UX: tl.constexpr = SX + (PACK - 1) * WX
     UNION: tl.constexpr = SZ * SY * UX
     for start in range(0, UNION, BLOCK_K):
-        kz, ky, kx, exists, inside = _box_columns(start, z0 - LZ, y0 - LY, x0 - LX, D, H, W, SY, UX, UNION, BLOCK_K)
-        pair = row_valid[:, None] & exists[None, :] & _in_row_box_x(kx[None, :], window_x[:, None], LX, SX)
-        if not CONSTANT_PAD:
-            pair = pair & inside[None, :]
-        k = _load_box_rows(K, _token_offsets(b, h, kz, ky, kx, stride_kb, stride_kz, stride_ky, stride_kx, stride_kh),
-                           inside, pad_key, dims, head_dim, CONSTANT_PAD)
-        v = _load_box_rows(V, _token_offsets(b, h, kz, ky, kx, stride_vb, stride_vz, stride_vy, stride_vx, stride_vh),
-                           inside, pad_value, dims, head_dim, CONSTANT_PAD)
-        bias_index = _bias_index(_bias_coordinate(kz, ky, kx, WY, WX, SY, SX)[None, :], query_coordinate[:, None],
-                                 WZ, WY, WX, SY, SX, LZ, LY, LX)
-        s = _scores_log2(q, k, pair, BIAS, h, bias_index, scale, WZ, WY, WX, SZ, SY, SX, LZ, LY, LX, HAS_BIAS)
+        _kz, _ky, _kx, _inside, _k, v, s = _key_tile(
+            start, K, V, BIAS, q, query_coordinate, row_valid, window_x, pad_key, pad_value, b, h, z0, y0, x0,
+            stride_kb, stride_kz, stride_ky, stride_kx, stride_kh, stride_vb, stride_vz, stride_vy, stride_vx, stride_vh,
+            D, H, W, dims, head_dim, scale, WZ, WY, WX, SZ, SY, SX, LZ, LY, LX, UX, UNION, BLOCK_K, HAS_BIAS, CONSTANT_PAD,
+        )
         new_max = tl.maximum(row_max, tl.max(s, 1))
         # A row with no key yet keeps -inf; subtract 0 then, so exp2 gives 0 instead of NaN.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -358,11 +387,8 @@ def _backward_query_kernel(
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_ok = dims < head_dim
     rows = tl.arange(0, BLOCK_Q)
-    pad_key = tl.zeros([HEAD_DIM_PAD], dtype=Q.dtype.element_ty)
-    pad_value = tl.zeros([HEAD_DIM_PAD], dtype=Q.dtype.element_ty)
-    if CONSTANT_PAD:
-        pad_key = tl.load(PAD_KEY + h * head_dim + dims, mask=dim_ok, other=0.0)
-        pad_value = tl.load(PAD_VALUE + h * head_dim + dims, mask=dim_ok, other=0.0)
+    pad_key, pad_value = _pad_rows(PAD_KEY, PAD_VALUE, h, dims, head_dim, Q.dtype.element_ty, HEAD_DIM_PAD,
+                                   CONSTANT_PAD)
     grad_pad_key = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
     grad_pad_value = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
 
@@ -386,17 +412,12 @@ def _backward_query_kernel(
         pad_ds = tl.zeros([BLOCK_Q], dtype=tl.float32)
         pad_p = tl.zeros([BLOCK_Q], dtype=tl.float32)
         for start in range(0, UNION, BLOCK_K):
-            kz, ky, kx, exists, inside = _box_columns(start, z0 - LZ, y0 - LY, x0 - LX, D, H, W, SY, UX, UNION, BLOCK_K)
-            pair = row_valid[:, None] & exists[None, :] & _in_row_box_x(kx[None, :], window_x[:, None], LX, SX)
-            if not CONSTANT_PAD:
-                pair = pair & inside[None, :]
-            k = _load_box_rows(K, _token_offsets(b, h, kz, ky, kx, stride_kb, stride_kz, stride_ky, stride_kx, stride_kh),
-                               inside, pad_key, dims, head_dim, CONSTANT_PAD)
-            v = _load_box_rows(V, _token_offsets(b, h, kz, ky, kx, stride_vb, stride_vz, stride_vy, stride_vx, stride_vh),
-                               inside, pad_value, dims, head_dim, CONSTANT_PAD)
-            bias_index = _bias_index(_bias_coordinate(kz, ky, kx, WY, WX, SY, SX)[None, :], query_coordinate[:, None],
-                                     WZ, WY, WX, SY, SX, LZ, LY, LX)
-            s = _scores_log2(q, k, pair, BIAS, h, bias_index, scale, WZ, WY, WX, SZ, SY, SX, LZ, LY, LX, HAS_BIAS)
+            kz, ky, kx, inside, k, v, s = _key_tile(
+                start, K, V, BIAS, q, query_coordinate, row_valid, window_x, pad_key, pad_value, b, h, z0, y0, x0,
+                stride_kb, stride_kz, stride_ky, stride_kx, stride_kh, stride_vb, stride_vz, stride_vy, stride_vx,
+                stride_vh, D, H, W, dims, head_dim, scale, WZ, WY, WX, SZ, SY, SX, LZ, LY, LX, UX, UNION, BLOCK_K,
+                HAS_BIAS, CONSTANT_PAD,
+            )
             p = tl.exp2(s - lse_log2[:, None])
             dp = _dot(grad_out, tl.trans(v))
             ds = p * (dp - delta[:, None])
@@ -588,6 +609,11 @@ class Tiling:
         (sz, sy, sx), wx = self.geometry.search, self.geometry.window[2]
         return sz * sy * (sx + (self.pack - 1) * wx)
 
+    @property
+    def bias_pairs(self) -> int:
+        """(row, union-box column) pairs of the row blocks of one pack: what a bias partial holds."""
+        return self.row_blocks * self.block_q * self.union_columns
+
     def query_windows(self) -> Tuple[Tuple[int, int], ...]:
         """Per axis, (first, count) of the base windows, relative to a key tile's first window,
         whose key boxes can hold one of its keys: window n holds key j when
@@ -702,7 +728,7 @@ def _bias_gather_table(tiling: Tiling, device: torch.device) -> torch.Tensor:
     if table is not None:
         return table
     bias_size = math.prod(tiling.geometry.bias_shape)
-    length = tiling.row_blocks * tiling.block_q * tiling.union_columns
+    length = tiling.bias_pairs
     index_map = torch.empty(length, dtype=torch.int64, device=device)
     with _device_guard(index_map):
         _bias_index_map_kernel[(tiling.row_blocks,)](index_map, **constexprs, BLOCK_K=DEFAULT_CONFIG.kwargs["BLOCK_K"])
@@ -725,8 +751,7 @@ def _reduce_bias_partial(partial: torch.Tensor, tiling: Tiling, batch: int, head
     and a sum over them (no scatter, so no atomics and no sort)."""
     g = tiling.geometry
     nz, ny, _ = g.num_windows
-    length = tiling.row_blocks * tiling.block_q * tiling.union_columns
-    sums = partial.view(batch, heads, nz * ny, length).sum(dim=(0, 2))
+    sums = partial.view(batch, heads, nz * ny, tiling.bias_pairs).sum(dim=(0, 2))
     table = _bias_gather_table(tiling, partial.device)
     grad = torch.nn.functional.pad(sums, (0, 1))[:, table].sum(dim=-1)
     return grad.reshape(heads, *g.bias_shape).to(dtype)
