@@ -223,10 +223,8 @@ void load_group(const scalar_t* src, const TokenStrides& strides, const Attentio
   for (int64_t l = 0; l < kLanes; ++l) {
     acc_t* row = rows + l * hd;
     if (l < count) {
-      const int64_t pos = t.query_pos[first + l];
-      const int64_t z = pos / (g.volume[1] * g.volume[2]), y = (pos / g.volume[2]) % g.volume[1],
-                    x = pos % g.volume[2];
-      const scalar_t* s = src + strides.offset(b, z, y, x, h);
+      const VoxelCoords v = voxel_coords(g, t.query_pos[first + l]);
+      const scalar_t* s = src + strides.offset(b, v.z, v.y, v.x, h);
       for (int64_t d = 0; d < hd; ++d) row[d] = to_acc(s[d]) * factor;
     } else {
       for (int64_t d = 0; d < hd; ++d) row[d] = 0;
@@ -330,14 +328,9 @@ void forward_windows(const AttentionParams<scalar_t, acc_t>& p, int64_t begin, i
   WindowTiles<acc_t> t = carve_tiles(g, hd, scratch, index_scratch, row_scratch);
 
   for (int64_t task = begin; task < end; ++task) {
-    // task = (((b * heads + h) * nwz + wz) * nwy + wy) * nwx + wx
-    int64_t rest = task;
-    const int64_t wx = rest % nwx; rest /= nwx;
-    const int64_t wy = rest % nwy; rest /= nwy;
-    const int64_t wz = rest % nwz; rest /= nwz;
-    const int64_t h = rest % p.heads;
-    const int64_t b = rest / p.heads;
-    gather_window(p, b, h, wz, wy, wx, t);
+    const TaskCoords w = split_task(task, p.heads, nwz, nwy, nwx);
+    const int64_t b = w.b, h = w.h;
+    gather_window(p, b, h, w.z, w.y, w.x, t);
     const scalar_t* bias = p.rel_pos_bias ? p.rel_pos_bias + h * bias_per_head : nullptr;
     const int64_t nk = t.num_keys;
 
@@ -390,9 +383,8 @@ void backward_windows(const AttentionParams<scalar_t, acc_t>& p, int64_t color, 
   WindowTiles<acc_t> t = carve_tiles(g, hd, scratch, index_scratch, row_scratch);
 
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t iz = task % count_z;
-    const int64_t h = (task / count_z) % p.heads;
-    const int64_t b = task / count_z / p.heads;
+    const TaskCoords plane = split_task(task, p.heads, count_z, 1, 1);
+    const int64_t iz = plane.z, h = plane.h, b = plane.b;
     const int64_t wz = color + iz * color_period(g, 0);
     double* slot = p.partials ? p.partials + ((b * p.heads + h) * slots_z + iz) * p.partial_stride : nullptr;
     double* grad_bias = p.rel_pos_bias ? slot : nullptr;

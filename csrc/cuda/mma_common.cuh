@@ -255,9 +255,8 @@ struct WindowQueries {
 template <typename T>
 __device__ __forceinline__ const T* token_row(const T* base, const TokenStrides& strides, const WindowGeometry& g,
                                               int64_t b, int64_t voxel, int64_t h) {
-  const int64_t z = voxel / (g.volume[1] * g.volume[2]), y = (voxel / g.volume[2]) % g.volume[1],
-                x = voxel % g.volume[2];
-  return base + strides.offset(b, z, y, x, h);
+  const VoxelCoords c = voxel_coords(g, voxel);
+  return base + strides.offset(b, c.z, c.y, c.x, h);
 }
 
 }  // namespace cuda

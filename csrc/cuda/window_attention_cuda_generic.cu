@@ -98,16 +98,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const Dims dims = make_dims(g);
   const int hd = static_cast<int>(p.head_dim);
 
-  // task = ((((b * heads + h) * nwz + wz) * nwy + wy) * nwx + wx) * queries + slot: neighbouring
-  // warps take neighbouring queries, whose key boxes overlap in the cache.
-  int64_t rest = task;
-  const int slot = static_cast<int>(rest % dims.queries_per_window);
-  rest /= dims.queries_per_window;
-  const int64_t wx = rest % dims.windows[2]; rest /= dims.windows[2];
-  const int64_t wy = rest % dims.windows[1]; rest /= dims.windows[1];
-  const int64_t wz = rest % dims.windows[0]; rest /= dims.windows[0];
-  const int64_t h = rest % p.heads;
-  const int64_t b = rest / p.heads;
+  // The query slot within its window is the fastest digit: neighbouring warps take neighbouring
+  // queries, whose key boxes overlap in the cache.
+  const int slot = static_cast<int>(task % dims.queries_per_window);
+  const TaskCoords w = split_task(task / dims.queries_per_window, p.heads, dims.windows[0], dims.windows[1],
+                                  dims.windows[2]);
+  const int64_t b = w.b, h = w.h, wz = w.z, wy = w.y, wx = w.x;
   int a[3];
   query_in_window(dims, slot, a);
   const int64_t z = window_origin(g, 0, wz) + a[0];
@@ -196,12 +192,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 1)
     for (int64_t e = lane; e < dims.bias_per_head; e += 32) bias_partial[e] = 0.f;
   __syncwarp();
 
-  // blockIdx.x = ((b * heads + h) * nwz + wz) * nwy + wy: the block's partial slot.
-  int64_t rest = blockIdx.x;
-  const int64_t wy = rest % dims.windows[1]; rest /= dims.windows[1];
-  const int64_t wz = rest % dims.windows[0]; rest /= dims.windows[0];
-  const int64_t h = rest % p.heads;
-  const int64_t b = rest / p.heads;
+  // One block per row of windows along x; blockIdx.x is also the block's partial slot.
+  const TaskCoords row = split_task(blockIdx.x, p.heads, dims.windows[0], dims.windows[1], 1);
+  const int64_t b = row.b, h = row.h, wz = row.z, wy = row.y;
   const int64_t bz = key_box_start(g, 0, wz), by = key_box_start(g, 1, wy);
   float pad_key_grad[kLaneChunks] = {}, pad_value_grad[kLaneChunks] = {};
 
@@ -333,13 +326,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 1)
   const Dims dims = make_dims(g);
   const int hd = static_cast<int>(p.head_dim);
 
-  // task = (b * heads + h) * voxels + pos
-  const int64_t pos = task % dims.voxels;
-  const int64_t h = (task / dims.voxels) % p.heads;
-  const int64_t b = task / dims.voxels / p.heads;
-  const int64_t kz = pos / (g.volume[1] * g.volume[2]);
-  const int64_t ky = (pos / g.volume[2]) % g.volume[1];
-  const int64_t kx = pos % g.volume[2];
+  const TaskCoords voxel_task = split_task(task, p.heads, dims.voxels, 1, 1);
+  const int64_t b = voxel_task.b, h = voxel_task.h;
+  const VoxelCoords k = voxel_coords(g, voxel_task.z);
+  const int64_t kz = k.z, ky = k.y, kx = k.x;
   const T* k_row = p.key + p.key_strides.offset(b, kz, ky, kx, h);
   const T* v_row = p.value + p.value_strides.offset(b, kz, ky, kx, h);
   for (int d = lane; d < hd; d += 32) {
@@ -397,7 +387,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 1)
         }
       }
 
-  const int64_t token = ((b * dims.voxels + pos) * p.heads + h) * hd;
+  const int64_t token = ((b * dims.voxels + voxel_task.z) * p.heads + h) * hd;
 #pragma unroll
   for (int c = 0; c < kLaneChunks; ++c) {
     const int d = lane + 32 * c;

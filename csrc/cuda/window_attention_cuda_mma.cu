@@ -38,13 +38,8 @@ __global__ void __launch_bounds__(kMaxWindowsPerBlock * 32, 1)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t nwx = num_windows(g, 2), nwy = num_windows(g, 1), nwz = num_windows(g, 0);
   const int64_t x_blocks = (nwx + windows_per_block - 1) / windows_per_block;
-  // blockIdx.x = (((b * heads + h) * nwz + wz) * nwy + wy) * x_blocks + xb
-  int64_t rest = blockIdx.x;
-  const int64_t xb = rest % x_blocks; rest /= x_blocks;
-  const int64_t wy = rest % nwy; rest /= nwy;
-  const int64_t wz = rest % nwz; rest /= nwz;
-  const int64_t h = rest % p.heads;
-  const int64_t b = rest / p.heads;
+  const TaskCoords block = split_task(blockIdx.x, p.heads, nwz, nwy, x_blocks);
+  const int64_t b = block.b, h = block.h, wz = block.z, wy = block.y, xb = block.x;
   const int64_t wx0 = xb * windows_per_block;
   const int box_keys = static_cast<int>(g.search[0] * g.search[1] * g.search[2]);
   stage_key_box<T, HD>(p, layout, box, b, h, wz, wy, wx0, vector_loads);

@@ -77,13 +77,8 @@ __global__ void __launch_bounds__(kMaxWindowsPerBlock * 32, 1)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int group = lane >> 2, quad = lane & 3;
 
-  // blockIdx.x = (((b * heads + h) * count_z + iz) * count_y + iy) * x_blocks + xb
-  int64_t rest = blockIdx.x;
-  const int64_t xb = rest % launch.x_blocks; rest /= launch.x_blocks;
-  const int64_t iy = rest % launch.count[1]; rest /= launch.count[1];
-  const int64_t iz = rest % launch.count[0]; rest /= launch.count[0];
-  const int64_t h = rest % p.heads;
-  const int64_t b = rest / p.heads;
+  const TaskCoords block = split_task(blockIdx.x, p.heads, launch.count[0], launch.count[1], launch.x_blocks);
+  const int64_t b = block.b, h = block.h, iz = block.z, iy = block.y, xb = block.x;
   const int64_t wz = launch.first[0] + iz * launch.step[0];
   const int64_t wy = launch.first[1] + iy * launch.step[1];
   const int64_t wx0 = launch.first[2] + xb * launch.windows_per_block * launch.step[2];

@@ -85,6 +85,41 @@ XK_HOST_DEVICE int64_t bias_query_part(const WindowGeometry& g, int64_t az, int6
   return (az * bias_extent(g, 1) + ay) * bias_extent(g, 2) + ax;
 }
 
+// A flat task index of the order every kernel enumerates its work in,
+// (((b * heads + h) * nz + z) * ny + y) * nx + x, x fastest so that neighbouring tasks share
+// keys, split into its coordinates. z, y, x count whatever the kernel tiles by (base windows,
+// blocks of windows, voxels); pass 1 for an axis it does not walk.
+struct TaskCoords {
+  int64_t b, h, z, y, x;
+};
+
+XK_HOST_DEVICE TaskCoords split_task(int64_t task, int64_t heads, int64_t nz, int64_t ny, int64_t nx) {
+  TaskCoords c;
+  c.x = task % nx;
+  task /= nx;
+  c.y = task % ny;
+  task /= ny;
+  c.z = task % nz;
+  task /= nz;
+  c.h = task % heads;
+  c.b = task / heads;
+  return c;
+}
+
+// (z, y, x) of a flat voxel index of the volume, x fastest.
+struct VoxelCoords {
+  int64_t z, y, x;
+};
+
+XK_HOST_DEVICE VoxelCoords voxel_coords(const WindowGeometry& g, int64_t voxel) {
+  VoxelCoords c;
+  c.x = voxel % g.volume[2];
+  voxel /= g.volume[2];
+  c.y = voxel % g.volume[1];
+  c.z = voxel / g.volume[1];
+  return c;
+}
+
 XK_HOST_DEVICE int64_t floor_div(int64_t a, int64_t b) {  // b > 0
   return a >= 0 ? a / b : -((-a + b - 1) / b);
 }
