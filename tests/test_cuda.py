@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from xmorpher_kernels import _native
+from xmorpher_kernels._extension import EXTENSION_ERROR, _C
 from xmorpher_kernels.testing import Problem, check_against_reference, make_problem
 
 HAS_GPU = torch.cuda.is_available() and _native.HAS_CUDA_KERNELS
@@ -82,8 +83,8 @@ needs_cuda_build = pytest.mark.skipif(
 
 @needs_cuda_build
 def test_extension_contains_cuda_kernels():
-    assert _native.HAS_NATIVE, _native.NATIVE_IMPORT_ERROR
-    assert _native._C.compiled_with_cuda(), "xmorpher_kernels._C was built without its CUDA kernels"
+    assert _C is not None, EXTENSION_ERROR
+    assert _C.compiled_with_cuda(), "xmorpher_kernels._C was built without its CUDA kernels"
     for op in ("window_attention_forward", "window_attention_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"xmorpher_kernels::{op}", "CUDA"), op
 
@@ -93,7 +94,7 @@ def test_extension_has_cubins_with_tensor_cores():
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("cuobjdump not found (CUDA toolkit or triton's copy)")
-    so_path = _native._C.__file__
+    so_path = _C.__file__
     listing = subprocess.run([tool, "--list-elf", so_path], capture_output=True, text=True, check=True).stdout
     for arch in _expected_archs():
         assert f".{arch}." in listing, f"{so_path} has no {arch} cubin:\n{listing}"

@@ -12,7 +12,7 @@ import torch
 
 import xmorpher_kernels
 from xmorpher_kernels import available_backends, window_cross_attention
-from xmorpher_kernels import _native
+from xmorpher_kernels._extension import _C
 from xmorpher_kernels.testing import GRAD_NAMES, check_against_reference, make_problem
 
 CPU_BACKENDS = [
@@ -128,17 +128,17 @@ def test_custom_scale_and_constant_padding_without_pad_tensors(padding, generato
 
 
 @FUSED_CPU
-@pytest.mark.skipif(not _native.HAS_NATIVE, reason="no extension")
-@pytest.mark.parametrize("isa", _native._C.supported_cpu_isas() if _native.HAS_NATIVE else [])
+@pytest.mark.skipif(_C is None, reason="no extension")
+@pytest.mark.parametrize("isa", _C.supported_cpu_isas() if _C is not None else [])
 def test_every_instruction_set(isa, generator):
-    previous = _native._C.cpu_isa()
-    _native._C.set_cpu_isa(isa)
+    previous = _C.cpu_isa()
+    _C.set_cpu_isa(isa)
     try:
         for dtype in (torch.float32, torch.float64, torch.bfloat16):
             problem = make_problem((2, 5, 7, 6, 3, 16), (2, 3, 1), (5, 4, 3), padding="constant", bias=True, dtype=dtype, generator=generator)
             check_against_reference(problem, "cpu")
     finally:
-        _native._C.set_cpu_isa(previous)
+        _C.set_cpu_isa(previous)
 
 
 @FUSED_CPU

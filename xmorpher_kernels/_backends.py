@@ -13,23 +13,30 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from . import _native, _triton
 from ._checks import AttentionArgs
-from . import _native
 from .reference import reference_window_cross_attention
+
+
+# A validated call bound to one backend: (query, key, value, rel_pos_bias, pad_key, pad_value) ->
+# output. It holds the call's static options (geometry, scale, padding), never its tensors, so
+# that ops.py can cache it per call signature.
+Runner = Callable[..., torch.Tensor]
 
 
 @dataclass
 class Backend:
     """One implementation of the op.
 
-    ``unavailable`` returns why the backend is missing altogether (not built, no Triton, ...) or
-    None; ``refuses`` returns why it cannot run one particular call (e.g. a head_dim limit) or None.
+    ``runner`` binds a validated call's static options into a Runner. ``unavailable`` returns why
+    the backend is missing altogether (not built, no Triton, ...) or None; ``refuses`` returns why
+    it cannot run one particular call (e.g. a head_dim limit) or None.
     """
 
     name: str
     devices: Tuple[str, ...]  # device types, or ("any",)
     dtypes: Tuple[torch.dtype, ...]
-    run: Callable[[AttentionArgs], torch.Tensor]
+    runner: Callable[[AttentionArgs], Runner]
     unavailable: Callable[[], Optional[str]] = lambda: None
     refuses: Callable[[AttentionArgs], Optional[str]] = field(default=lambda args: None)
     # Devices on which backend="auto" may pick it (default: all of ``devices``); e.g. Triton's CPU
@@ -56,6 +63,36 @@ class Backend:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             return f"it supports dtypes {names}, got {str(args.query.dtype).replace('torch.', '')}"
         return self.refuses(args)
+
+
+def op_runner(forward_op) -> Callable[[AttentionArgs], Runner]:
+    """Runners of a forward op ``(query, key, value, window_size, search_size, scale,
+    rel_pos_bias, pad_key, pad_value) -> (out, lse)``: padding="constant" means pad tensors are
+    passed, a zero row (made once per call signature) for each the user left out."""
+
+    def bind(args: AttentionArgs) -> Runner:
+        window, search, scale = list(args.geometry.window), list(args.geometry.search), args.scale
+        zeros = args.query.new_zeros((args.heads, args.head_dim)) if args.padding == "constant" else None
+
+        def run(query, key, value, rel_pos_bias, pad_key, pad_value):
+            if zeros is not None:
+                pad_key = zeros if pad_key is None else pad_key
+                pad_value = zeros if pad_value is None else pad_value
+            return forward_op(query, key, value, window, search, scale, rel_pos_bias, pad_key, pad_value)[0]
+
+        return run
+
+    return bind
+
+
+def reference_runner(args: AttentionArgs) -> Runner:
+    geometry, scale, padding = args.geometry, args.scale, args.padding
+
+    def run(query, key, value, rel_pos_bias, pad_key, pad_value):
+        call = AttentionArgs(query, key, value, geometry, scale, rel_pos_bias, padding, pad_key, pad_value)
+        return reference_window_cross_attention(call)
+
+    return run
 
 
 _REGISTRY: Dict[str, Backend] = {}
@@ -119,57 +156,41 @@ def auto_candidates(args: AttentionArgs) -> List[str]:
     return ordered + (["reference"] if "reference" in _REGISTRY else [])
 
 
-def _cpu_unavailable() -> Optional[str]:
-    return _native.NATIVE_IMPORT_ERROR
-
-
-def _cuda_unavailable() -> Optional[str]:
-    if not _native.HAS_NATIVE:
-        return _native.NATIVE_IMPORT_ERROR
-    if not _native.HAS_CUDA_KERNELS:
-        return "the CUDA kernels were not compiled (torch without CUDA, or nvcc missing at build time)"
-    return None
-
-
 register_backend(
     Backend(
         name="reference",
         devices=("any",),
         dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
-        run=reference_window_cross_attention,
+        runner=reference_runner,
     )
 )
 register_backend(
     Backend(
         name="cpu",
         devices=("cpu",),
-        dtypes=(torch.bfloat16, torch.float32, torch.float64),
-        run=_native.native_window_attention,
-        unavailable=_cpu_unavailable,
+        dtypes=_native.CPU_DTYPES,
+        runner=op_runner(_native.FORWARD_OP),
+        unavailable=_native.cpu_unavailable,
     )
 )
 register_backend(
     Backend(
         name="cuda",
         devices=("cuda",),
-        dtypes=(torch.float16, torch.bfloat16, torch.float32),
-        run=_native.native_window_attention,
-        unavailable=_cuda_unavailable,
-        refuses=lambda args: f"it supports head_dim <= 128, got {args.head_dim}" if args.head_dim > 128 else None,
+        dtypes=_native.CUDA_DTYPES,
+        runner=op_runner(_native.FORWARD_OP),
+        unavailable=_native.cuda_unavailable,
+        refuses=_native.cuda_refuses,
         auto_demotion=_native.cuda_auto_demotion,
     )
 )
-
-
-from . import _triton  # noqa: E402  (registers the Triton custom ops when Triton is installed)
-
 register_backend(
     Backend(
         name="triton",
         devices=_triton.TRITON_DEVICES,
         auto_devices=("cuda",),
-        dtypes=(torch.float16, torch.bfloat16, torch.float32),
-        run=_triton.triton_window_attention,
+        dtypes=_triton.TRITON_DTYPES,
+        runner=op_runner(_triton.FORWARD_OP),
         unavailable=_triton.triton_unavailable,
         refuses=_triton.triton_refuses,
     )

@@ -1,23 +1,26 @@
-"""The Triton backend of ``window_cross_attention``: custom ops, their fake and autograd
-registrations, and the hooks the backend registry calls.
+"""The Triton backend of ``window_cross_attention``: the Triton kernels registered as the
+implementation of ``torch.ops.xmorpher_kernels.triton_window_attention_{forward,backward}``, and
+what the backend registry asks of it (what it runs, why it cannot).
 
-``torch.ops.xmorpher_kernels.triton_window_attention_{forward,backward}`` wrap the kernels of
-``_triton_kernels`` (imported on the first call, see there) as ``torch.library`` custom ops, so
-``torch.compile(fullgraph=True)`` treats them as opaque nodes with known output shapes. Importing
-this module never fails: without Triton, ``HAS_TRITON`` is False and ``TRITON_IMPORT_ERROR`` says
-why, and the backend reports itself unavailable.
+The ops' schemas, autograd and fake implementations are shared with the native ops (the C++
+extension and ``_extension.py``), so a Triton call costs the same host path as a native one. The
+kernels themselves (``_triton_kernels``) are imported on the first call: ``@triton.jit`` decides
+between compiled and interpreted (``TRITON_INTERPRET=1``) kernels when it decorates, so importing
+late lets a process turn the interpreter on first. Importing this module never fails: without
+Triton, ``HAS_TRITON`` is False and ``TRITON_IMPORT_ERROR`` says why.
 """
 
-# No `from __future__ import annotations`: torch.library.custom_op reads the real annotations.
+from __future__ import annotations
+
 import os
 import sys
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from ._checks import AttentionArgs
+from ._extension import EXTENSION_ERROR, _C
 from ._geometry import WindowGeometry
-from ._op_glue import call_forward_op, register_window_attention_autograd
 
 try:
     import triton
@@ -34,6 +37,7 @@ except ImportError as error:
 _KERNELS_MODULE = f"{__package__}._triton_kernels"
 # Larger head dims would spill the (rows x head_dim) fp32 accumulators out of registers.
 MAX_HEAD_DIM = 128
+TRITON_DTYPES: Tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def interpreter_enabled() -> bool:
@@ -56,83 +60,42 @@ def _kernels():
     return _triton_kernels
 
 
-def _geometry(query: torch.Tensor, window_size: List[int], search_size: List[int]) -> WindowGeometry:
+def _geometry(query: torch.Tensor, window_size, search_size) -> WindowGeometry:
     return WindowGeometry(volume=tuple(query.shape[1:4]), window=tuple(window_size), search=tuple(search_size))
 
 
-if HAS_TRITON:
+def _forward(query, key, value, window_size, search_size, scale, rel_pos_bias, pad_key, pad_value):
+    return _kernels().forward(
+        query, key, value, _geometry(query, window_size, search_size), scale, rel_pos_bias, pad_key, pad_value
+    )
 
-    @torch.library.custom_op("xmorpher_kernels::triton_window_attention_forward", mutates_args=())
-    def triton_window_attention_forward(
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        window_size: List[int],
-        search_size: List[int],
-        scale: float,
-        rel_pos_bias: Optional[torch.Tensor],
-        pad_key: Optional[torch.Tensor],
-        pad_value: Optional[torch.Tensor],
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Output and the fp32 log-sum-exp (B, heads, D, H, W) the backward needs.
 
-        pad_key/pad_value given means padding="constant"; None means padding="mask".
-        """
-        return _kernels().forward(
-            query, key, value, _geometry(query, window_size, search_size), scale, rel_pos_bias, pad_key, pad_value
-        )
+def _backward(grad_out, query, key, value, out, lse, window_size, search_size, scale, rel_pos_bias, pad_key,
+              pad_value, deterministic):
+    # The Triton backward has no atomics: it is deterministic whatever `deterministic` asks.
+    grads = _kernels().backward(
+        grad_out, query, key, value, out, lse, _geometry(query, window_size, search_size), scale, rel_pos_bias,
+        pad_key, pad_value,
+    )
+    # Distinct empties: outputs of an op may not alias one another.
+    return tuple(query.new_empty((0,)) if g is None else g for g in grads)
 
-    @triton_window_attention_forward.register_fake
-    def _forward_fake(query, key, value, window_size, search_size, scale, rel_pos_bias, pad_key, pad_value):
-        batch, depth, height, width, heads, _ = query.shape
-        lse = query.new_empty((batch, heads, depth, height, width), dtype=torch.float32)
-        return query.new_empty(query.shape), lse
 
-    @torch.library.custom_op("xmorpher_kernels::triton_window_attention_backward", mutates_args=())
-    def triton_window_attention_backward(
-        grad_out: torch.Tensor,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        window_size: List[int],
-        search_size: List[int],
-        scale: float,
-        rel_pos_bias: Optional[torch.Tensor],
-        pad_key: Optional[torch.Tensor],
-        pad_value: Optional[torch.Tensor],
-        deterministic: bool,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gradients of query, key, value, rel_pos_bias, pad_key, pad_value; an empty tensor
-        stands for an optional input that was not given."""
-        grads = _kernels().backward(
-            grad_out, query, key, value, out, lse, _geometry(query, window_size, search_size), scale,
-            rel_pos_bias, pad_key, pad_value, deterministic,
-        )
-        # Distinct empties: outputs of a custom op may not alias one another.
-        return tuple(query.new_empty((0,)) if g is None else g for g in grads)  # type: ignore[return-value]
-
-    @triton_window_attention_backward.register_fake
-    def _backward_fake(grad_out, query, key, value, out, lse, window_size, search_size, scale,
-                       rel_pos_bias, pad_key, pad_value, deterministic):
-        def like(t):
-            return query.new_empty((0,)) if t is None else t.new_empty(t.shape)
-
-        return like(query), like(query), like(query), like(rel_pos_bias), like(pad_key), like(pad_value)
-
-    def _backward(*args):
-        return triton_window_attention_backward(*args, torch.are_deterministic_algorithms_enabled())
-
-    register_window_attention_autograd("xmorpher_kernels::triton_window_attention_forward", _backward)
-
+ENABLED = HAS_TRITON and _C is not None
+if ENABLED:
+    # CPU tensors run only in the interpreter; triton_refuses() keeps them away otherwise.
+    torch.library.impl("xmorpher_kernels::triton_window_attention_forward", ("cpu", "cuda"), _forward)
+    torch.library.impl("xmorpher_kernels::triton_window_attention_backward", ("cpu", "cuda"), _backward)
+FORWARD_OP = torch.ops.xmorpher_kernels.triton_window_attention_forward.default if ENABLED else None
 
 # Devices the backend claims: CPU tensors only when the interpreter is on as the package loads.
 TRITON_DEVICES: Tuple[str, ...] = ("cuda", "cpu") if HAS_TRITON and interpreter_enabled() else ("cuda",)
 
 
 def triton_unavailable() -> Optional[str]:
-    return TRITON_IMPORT_ERROR
+    if not HAS_TRITON:
+        return TRITON_IMPORT_ERROR
+    return EXTENSION_ERROR  # the extension defines the ops the kernels are registered for
 
 
 def triton_refuses(args: AttentionArgs) -> Optional[str]:
@@ -146,8 +109,3 @@ def triton_refuses(args: AttentionArgs) -> Optional[str]:
     if args.query.device.type == "cpu" and not kernels_interpreted():
         return "Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1 before the first Triton call)"
     return None
-
-
-def triton_window_attention(args: AttentionArgs) -> torch.Tensor:
-    """Run the Triton custom op on validated arguments."""
-    return call_forward_op(torch.ops.xmorpher_kernels.triton_window_attention_forward, args)

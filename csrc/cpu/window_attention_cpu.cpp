@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "window_attention_cpu.h"
+#include "window_attention_cpu_support.h"
 #include "xmorpher_kernels/op_checks.h"
 
 namespace xmorpher_kernels {
@@ -63,14 +64,28 @@ Isa current_isa() {
   return static_cast<Isa>(isa);
 }
 
-// Scratch for one chunk of windows; allocated in this (baseline-ISA) translation unit.
+// A thread's scratch for its chunks of windows: kept per thread across calls and grown when a
+// call needs more, so a call allocates nothing but its outputs. Allocated in this (baseline-ISA)
+// translation unit.
 template <typename acc_t>
 struct Scratch {
   std::vector<acc_t> acc;
   std::vector<int64_t> index;
   std::vector<const acc_t*> rows;
-  Scratch(const WindowGeometry& g, int64_t head_dim)
-      : acc(tile_acc_elements(g, head_dim)), index(tile_index_elements(g)), rows(tile_row_pointers(g)) {}
+
+  static Scratch& of_this_thread(const WindowGeometry& g, int64_t head_dim) {
+    thread_local Scratch scratch;
+    grow(scratch.acc, tile_acc_elements(g, head_dim));
+    grow(scratch.index, tile_index_elements(g));
+    grow(scratch.rows, tile_row_pointers(g));
+    return scratch;
+  }
+
+ private:
+  template <typename T>
+  static void grow(std::vector<T>& v, int64_t size) {
+    if (static_cast<int64_t>(v.size()) < size) v.resize(size);
+  }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -110,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& query_in, const at:
                                            const c10::optional<at::Tensor>& pad_key,
                                            const c10::optional<at::Tensor>& pad_value) {
   const OpInputs in = check_op_inputs("window_attention_forward", query_in, key_in, value_in, window_size,
-                                      search_size, rel_pos_bias, pad_key, pad_value, {at::kFloat, at::kDouble, at::kBFloat16});
+                                      search_size, rel_pos_bias, pad_key, pad_value, supported_dtypes());
   const at::Tensor& query = in.query;
   auto out = at::empty(query.sizes(), query.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = at::empty({query.size(0), query.size(4), query.size(1), query.size(2), query.size(3)},
@@ -126,8 +141,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& query_in, const at:
     p.out = reinterpret_cast<storage_t*>(out.mutable_data_ptr<scalar_t>());
     p.lse = lse.mutable_data_ptr<acc_t>();
     at::parallel_for(0, tasks, 8, [&](int64_t begin, int64_t end) {
-      Scratch<acc_t> scratch(g, p.head_dim);
-      run_forward(p, begin, end, scratch);
+      run_forward(p, begin, end, Scratch<acc_t>::of_this_thread(g, p.head_dim));
     });
   });
   return {out, lse};
@@ -138,9 +152,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& value_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     at::IntArrayRef window_size, at::IntArrayRef search_size, double scale,
     const c10::optional<at::Tensor>& rel_pos_bias, const c10::optional<at::Tensor>& pad_key,
-    const c10::optional<at::Tensor>& pad_value) {
+    const c10::optional<at::Tensor>& pad_value, bool /*deterministic: the colour schedule always is*/) {
   const OpInputs in = check_op_inputs("window_attention_backward", query_in, key_in, value_in, window_size,
-                                      search_size, rel_pos_bias, pad_key, pad_value, {at::kFloat, at::kDouble, at::kBFloat16});
+                                      search_size, rel_pos_bias, pad_key, pad_value, supported_dtypes());
   const at::Tensor& query = in.query;
   const WindowGeometry& g = in.geometry;
   const at::Tensor grad_out = last_dim_contiguous(grad_out_in);
@@ -176,8 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       for (int64_t color = 0; color < color_period(g, 0); ++color) {
         const int64_t tasks = batch * heads * windows_of_color(g, 0, color);
         at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-          Scratch<acc_t> scratch(g, head_dim);
-          run_backward(p, color, begin, end, scratch);
+          run_backward(p, color, begin, end, Scratch<acc_t>::of_this_thread(g, head_dim));
         });
       }
     });
@@ -199,6 +212,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 }  // namespace
+
+const std::vector<c10::ScalarType>& supported_dtypes() {
+  static const std::vector<c10::ScalarType> dtypes{at::kFloat, at::kDouble, at::kBFloat16};
+  return dtypes;
+}
 
 std::string isa() { return isa_name(current_isa()); }
 

@@ -12,14 +12,15 @@
 
 #include <cstdint>
 
+#include "window_attention_cuda_support.h"
+
 namespace xmorpher_kernels {
 namespace cuda {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-// Head dims the kernels take: the generic kernels keep up to 4 elements per lane.
-constexpr int kMaxHeadDim = 128;
+// Elements of a head_dim row each lane of the generic kernels keeps.
 constexpr int kLaneChunks = kMaxHeadDim / 32;
 
 __device__ __forceinline__ float to_float(float x) { return x; }

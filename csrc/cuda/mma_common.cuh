@@ -9,15 +9,18 @@
 // pad_key/pad_value (constant padding) or zeros with a -inf mask (mask padding).
 #pragma once
 
+#include <atomic>
 #include <type_traits>
 
 #include "cuda_common.cuh"
+#include "window_attention_cuda_support.h"
 #include "xmorpher_kernels/attention_params.h"
 
 namespace xmorpher_kernels {
 namespace cuda {
 
 constexpr int kMaxWindowsPerBlock = 8;
+constexpr int kMaxDevices = 64;  // per-device records of device properties and kernel attributes
 constexpr int kRowPad = 8;  // halves of padding per staged row: conflict-free fragment loads
 constexpr int64_t kSmemBudget = 80 * 1024;
 
@@ -49,20 +52,34 @@ inline MmaLayout mma_layout(const WindowGeometry& g, int64_t head_dim, int64_t w
   return m;
 }
 
-// Whether the tensor-core kernels cover a call: windows of at most 8 queries (the 8-column side
-// of m16n8k16), head_dim a multiple of 16 up to 128, box rows indexable in 32 bits.
-inline bool tensor_cores_cover(const WindowGeometry& g, int64_t head_dim) {
-  return g.window[0] * g.window[1] * g.window[2] <= 8 && head_dim % 16 == 0 && head_dim <= kMaxHeadDim &&
-         g.search[0] * g.search[1] * g.search[2] < (int64_t{1} << 20);
+// The current CUDA device (thread-local state of the runtime, no device query).
+inline int current_device() {
+  int device = 0;
+  XK_CHECK_CUDA(cudaGetDevice(&device), "cudaGetDevice");
+  return device;
 }
 
-// The most shared memory one block of the current device may opt in to.
-inline int64_t optin_shared_memory() {
-  int device = 0, bytes = 0;
-  XK_CHECK_CUDA(cudaGetDevice(&device), "cudaGetDevice");
-  XK_CHECK_CUDA(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+// The most shared memory one block of `device` may opt in to, asked once per device.
+inline int64_t optin_shared_memory(int device) {
+  static std::atomic<int> known[kMaxDevices] = {};  // 0: not asked yet
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "xmorpher_kernels: CUDA device index ", device, " out of range");
+  int bytes = known[device].load(std::memory_order_relaxed);
+  if (bytes == 0) {
+    XK_CHECK_CUDA(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                  "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+    known[device].store(bytes, std::memory_order_relaxed);
+  }
   return bytes;
+}
+
+// Raises a kernel's dynamic shared memory limit to `bytes` on `device` when needed, once per
+// (kernel instantiation, device) and size: a template so that each kernel keeps its own record.
+template <auto Kernel>
+void allow_dynamic_shared_memory(int device, int64_t bytes, const char* what) {
+  static std::atomic<int64_t> allowed[kMaxDevices] = {};
+  if (bytes <= 48 * 1024 || bytes <= allowed[device].load(std::memory_order_relaxed)) return;
+  XK_CHECK_CUDA(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)), what);
+  allowed[device].store(bytes, std::memory_order_relaxed);
 }
 
 // The most windows per block (a power of two, not more than `windows_x`) whose staged box fits

@@ -40,7 +40,7 @@ OpInputs check_cuda_inputs(const char* op, const at::Tensor& query, const at::Te
                            const c10::optional<at::Tensor>& rel_pos_bias, const c10::optional<at::Tensor>& pad_key,
                            const c10::optional<at::Tensor>& pad_value) {
   OpInputs in = check_op_inputs(op, query, key, value, window_size, search_size, rel_pos_bias, pad_key, pad_value,
-                                {at::kFloat, at::kHalf, at::kBFloat16});
+                                supported_dtypes());
   TORCH_CHECK(query.size(5) <= kMaxHeadDim, op, " (cuda): head_dim must be at most ", kMaxHeadDim, ", got ",
               query.size(5));
   return in;
@@ -114,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_out_in, const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, at::IntArrayRef window_size, at::IntArrayRef search_size,
     double scale, const c10::optional<at::Tensor>& rel_pos_bias, const c10::optional<at::Tensor>& pad_key,
-    const c10::optional<at::Tensor>& pad_value) {
+    const c10::optional<at::Tensor>& pad_value, bool deterministic) {
   const OpInputs in = check_cuda_inputs("window_attention_backward", query_in, key_in, value_in, window_size,
                                         search_size, rel_pos_bias, pad_key, pad_value);
   const at::Tensor& query = in.query;
@@ -125,9 +125,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor lse = lse_in.contiguous();
   check_backward_tensors(query, grad_out, out, lse, at::kFloat);
 
-  // Deterministic mode: the atomic-free schedules (colour passes of the tensor-core kernel, or
-  // the key-side generic kernel). Otherwise fp32 atomics.
-  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  // deterministic: the atomic-free schedules (colour passes of the tensor-core kernel, or the
+  // key-side generic kernel). Otherwise fp32 atomics.
   const auto contiguous = query.options().memory_format(at::MemoryFormat::Contiguous);
   const int64_t batch = query.size(0), heads = query.size(4), head_dim = query.size(5);
   at::Tensor grad_query = at::empty(query.sizes(), contiguous);

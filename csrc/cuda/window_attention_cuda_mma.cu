@@ -162,13 +162,10 @@ __global__ void __launch_bounds__(kMaxWindowsPerBlock * 32, 1)
 
 template <typename T, int HD>
 void launch(const AttentionParams<T, float>& p, const MmaLayout& layout, int windows_per_block, bool vector_loads,
-            int64_t blocks, cudaStream_t stream) {
+            int64_t blocks, int device, cudaStream_t stream) {
   const int64_t smem = layout.total();
-  if (smem > 48 * 1024) {
-    XK_CHECK_CUDA(cudaFuncSetAttribute(forward_mma_kernel<T, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(smem)),
-                  "forward_mma_kernel: requesting shared memory for the staged key box");
-  }
+  allow_dynamic_shared_memory<&forward_mma_kernel<T, HD>>(
+      device, smem, "forward_mma_kernel: requesting shared memory for the staged key box");
   forward_mma_kernel<T, HD><<<static_cast<unsigned>(blocks), windows_per_block * 32, static_cast<size_t>(smem), stream>>>(
       p, layout, windows_per_block, vector_loads);
   XK_CHECK_LAUNCH("forward_mma_kernel");
@@ -184,12 +181,13 @@ bool launch_forward_mma(const AttentionParams<T, float>& p, bool vector_loads, c
   const int64_t nwx = num_windows(g, 2);
   const int windows_per_block = windows_per_block_within_budget(g, p.head_dim, nwx, 1, with_bias, 0, false);
   const MmaLayout layout = mma_layout(g, p.head_dim, windows_per_block, 1, with_bias, 0, false);
-  if (layout.total() > optin_shared_memory()) return false;
+  const int device = current_device();
+  if (layout.total() > optin_shared_memory(device)) return false;
   const int64_t blocks = p.batch * p.heads * num_windows(g, 0) * num_windows(g, 1) *
                          ((nwx + windows_per_block - 1) / windows_per_block);
   if (blocks > INT32_MAX) return false;
   dispatch_head_dim(p.head_dim, [&](auto head_dim) {
-    launch<T, decltype(head_dim)::value>(p, layout, windows_per_block, vector_loads, blocks, stream);
+    launch<T, decltype(head_dim)::value>(p, layout, windows_per_block, vector_loads, blocks, device, stream);
   });
   return true;
 }

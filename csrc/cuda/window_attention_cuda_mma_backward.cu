@@ -280,14 +280,12 @@ __global__ void __launch_bounds__(kMaxWindowsPerBlock * 32, 1)
 }
 
 template <typename T, int HD, bool kAtomic>
-void launch_one(const AttentionParams<T, float>& p, const BackwardLaunch& launch, int64_t blocks,
+void launch_one(const AttentionParams<T, float>& p, const BackwardLaunch& launch, int64_t blocks, int device,
                 cudaStream_t stream) {
   const int64_t smem = launch.layout.total();
   auto kernel = backward_mma_kernel<T, HD, kAtomic>;
-  if (smem > 48 * 1024) {
-    XK_CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-                  "backward_mma_kernel: requesting shared memory for the staged key box");
-  }
+  allow_dynamic_shared_memory<&backward_mma_kernel<T, HD, kAtomic>>(
+      device, smem, "backward_mma_kernel: requesting shared memory for the staged key box");
   kernel<<<static_cast<unsigned>(blocks), launch.windows_per_block * 32, static_cast<size_t>(smem), stream>>>(p,
                                                                                                              launch);
   XK_CHECK_LAUNCH("backward_mma_kernel");
@@ -315,7 +313,8 @@ bool launch_backward_mma(const AttentionParams<T, float>& p, bool vector_loads, 
       windows_per_block_within_budget(g, p.head_dim, most_x, period[2], with_bias, accumulators, true);
   BackwardLaunch launch{};
   launch.layout = mma_layout(g, p.head_dim, windows_per_block, period[2], with_bias, accumulators, true);
-  if (launch.layout.total() > optin_shared_memory()) return false;
+  const int device = current_device();
+  if (launch.layout.total() > optin_shared_memory(device)) return false;
   launch.windows_per_block = windows_per_block;
   launch.vector_loads = vector_loads;
   launch.fixed = fixed;
@@ -338,9 +337,9 @@ bool launch_backward_mma(const AttentionParams<T, float>& p, bool vector_loads, 
         dispatch_head_dim(p.head_dim, [&](auto head_dim) {
           constexpr int kHeadDim = decltype(head_dim)::value;
           if (deterministic) {
-            launch_one<T, kHeadDim, false>(p, launch, blocks, stream);
+            launch_one<T, kHeadDim, false>(p, launch, blocks, device, stream);
           } else {
-            launch_one<T, kHeadDim, true>(p, launch, blocks, stream);
+            launch_one<T, kHeadDim, true>(p, launch, blocks, device, stream);
           }
         });
       }

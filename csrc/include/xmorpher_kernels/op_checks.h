@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <initializer_list>
+#include <vector>
 
 #include "xmorpher_kernels/attention_params.h"
 #include "xmorpher_kernels/window_geometry.h"
@@ -35,7 +36,7 @@ inline OpInputs check_op_inputs(const char* op, const at::Tensor& query, const a
                                 const c10::optional<at::Tensor>& rel_pos_bias,
                                 const c10::optional<at::Tensor>& pad_key,
                                 const c10::optional<at::Tensor>& pad_value,
-                                std::initializer_list<at::ScalarType> dtypes) {
+                                const std::vector<at::ScalarType>& dtypes) {
   TORCH_CHECK(query.dim() == 6, op, ": query must be (B, D, H, W, heads, head_dim), got ", query.sizes());
   TORCH_CHECK(key.sizes() == query.sizes() && value.sizes() == query.sizes(), op,
               ": key and value must have the shape of query ", query.sizes());
