@@ -2,7 +2,7 @@
 
 This mirrors ``csrc/include/xmorpher_kernels/window_geometry.h`` (used by the C++ and CUDA
 kernels) for the Python reference and the Triton kernels, so every backend derives the same
-boxes from the same few formulas of the spec.
+boxes from the same few formulas of the contract (docs/contract.md).
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def _unfold_boxes(x: torch.Tensor, geometry: WindowGeometry, fill: float) -> tor
 
 
 def reference_window_cross_attention(args: AttentionArgs) -> torch.Tensor:
-    """Compute the op with plain PyTorch ops on any device and dtype (see the spec)."""
+    """Compute the op with plain PyTorch ops on any device and dtype (docs/contract.md)."""
     q, k, v, g = args.query, args.key, args.value, args.geometry
     batch, depth, height, width, heads, head_dim = q.shape
     nd, nh, nw = g.num_windows

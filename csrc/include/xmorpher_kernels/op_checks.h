@@ -153,6 +153,12 @@ struct OptionalInputGrads {
   at::Tensor rel_pos_bias, pad_key, pad_value;
 };
 
+// A contiguous copy in the dtype of `options`, never a view: outputs of an op may not alias one
+// another (per_head's columns would, with one head).
+inline at::Tensor owned_copy(const at::Tensor& t, const at::TensorOptions& options) {
+  return t.to(options.dtype().toScalarType(), /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
+}
+
 inline OptionalInputGrads split_optional_grads(const at::Tensor& per_head, const OpInputs& in,
                                                const at::TensorOptions& options) {
   const at::Tensor empty = at::empty({0}, options);
@@ -162,12 +168,12 @@ inline OptionalInputGrads split_optional_grads(const at::Tensor& per_head, const
   int64_t column = 0;
   if (in.rel_pos_bias.defined()) {
     const int64_t bias_per_head = in.rel_pos_bias.numel() / in.rel_pos_bias.size(0);
-    grads.rel_pos_bias = per_head.narrow(1, 0, bias_per_head).reshape(in.rel_pos_bias.sizes()).to(options.dtype());
+    grads.rel_pos_bias = owned_copy(per_head.narrow(1, 0, bias_per_head), options).reshape(in.rel_pos_bias.sizes());
     column = bias_per_head;
   }
   if (in.pad_key.defined()) {
-    grads.pad_key = per_head.narrow(1, column, head_dim).to(options.dtype()).contiguous();
-    grads.pad_value = per_head.narrow(1, column + head_dim, head_dim).to(options.dtype()).contiguous();
+    grads.pad_key = owned_copy(per_head.narrow(1, column, head_dim), options);
+    grads.pad_value = owned_copy(per_head.narrow(1, column + head_dim, head_dim), options);
   }
   return grads;
 }

@@ -1,10 +1,10 @@
 // Window geometry of window cross attention, shared by every native backend (CPU and CUDA).
 //
-// These few formulas are the spec (shared/spec/window_cross_attention.md): base window origin,
-// key box, padding test, relative-position bias index and the window "colouring" that lets the
-// backward scatter key gradients without races. Python mirrors them in
-// xmorpher_kernels/_geometry.py. Everything is 64-bit: a volume times heads times head_dim can
-// exceed 2^31 elements.
+// These few formulas are the contract (docs/contract.md): base window origin, key box, padding
+// test, relative-position bias index, the window "colouring" that lets the backward scatter key
+// gradients without races, and the split of the kernels' flat task and voxel indices. Python
+// mirrors the geometry in xmorpher_kernels/_geometry.py. Everything is 64-bit: a volume times
+// heads times head_dim can exceed 2^31 elements.
 #pragma once
 
 #include <cstdint>
