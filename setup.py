@@ -12,6 +12,7 @@ import glob
 import os
 import shutil
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -24,6 +25,30 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _one_compiler() -> str:
+    """The C++ compiler of every object, the CUDA host code's included, and of the link: $CXX if
+    set, else the one Python is configured with (setuptools links with it; torch alone would
+    compile .cpp files with `c++` and .cu host code with the `gcc` first on PATH, which on some
+    images are another gcc than the linker's, whose runtime the process then loads)."""
+    name = os.environ.get("CXX") or (sysconfig.get_config_var("CXX") or "c++").split()[0]
+    return shutil.which(name) or name
+
+
+COMPILER = _one_compiler()
+os.environ["CXX"] = COMPILER  # torch's BuildExtension compiles .cpp files with $CXX
+
+
+class BuildWithOneCompiler(BuildExtension):
+    """Links with COMPILER as well (setuptools takes its C++ linker from compiler_cxx/linker_so)."""
+
+    def build_extensions(self):
+        for attribute in ("compiler_cxx", "linker_so", "linker_so_cxx"):
+            command = getattr(self.compiler, attribute, None)
+            if command:
+                self.compiler.set_executable(attribute, [COMPILER, *command[1:]])
+        super().build_extensions()
 
 
 def _relative(paths):
@@ -64,7 +89,9 @@ def extensions():
                 extra_link_args=link_flags,
                 extra_compile_args={
                     "cxx": cxx_flags,
-                    "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
+                    # nvcc's host compiler; torch adds -ccbin $CC itself when CC is set (one -ccbin only)
+                    "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+                             *([] if os.environ.get("CC") else ["-ccbin", COMPILER])],
                 },
             )
         ]
@@ -84,5 +111,5 @@ def extensions():
 setup(
     packages=find_packages(include=["xmorpher_kernels", "xmorpher_kernels.*", "xmorpher", "xmorpher.*"]),
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildWithOneCompiler.with_options(use_ninja=True)},
 )

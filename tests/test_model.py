@@ -1,7 +1,10 @@
 """Tests of the registration networks: the paper's configuration, forward and backward of every
-model at odd sizes, the CAT block against the reference backend, and its border modes."""
+model at odd sizes, the CAT block against the reference backend, and its border modes, the
+registry of model variants."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -227,6 +230,7 @@ def test_multichannel_inputs_and_overrides():
         lambda: build_model("transmorph"),
         lambda: XMorpherConfig(embed_dim=8, num_heads=(3, 6, 12, 24)),
         lambda: XMorpherConfig(border="reflect"),
+        lambda: XMorpherConfig(fusion="late"),
         lambda: XMorpherConfig(window_size=4, search_size=2),
         lambda: _tiny("xmorpher")(torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 9)),
         lambda: _tiny("xmorpher")(torch.rand(1, 2, 8, 8, 8), torch.rand(1, 2, 8, 8, 8)),
@@ -235,3 +239,36 @@ def test_multichannel_inputs_and_overrides():
 def test_bad_arguments_raise(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_nocross_ablation_is_xmorpher_with_concat_fusion():
+    ablation, xmorpher = _tiny("xmorpher-nocross"), _tiny("xmorpher")
+    assert type(ablation) is XMorpher and ablation.config == dataclasses.replace(xmorpher.config, fusion="concat")
+    assert XMorpherNoCross(XMorpherConfig(**TINY)).config == ablation.config  # the variant's field over a given config
+    stages = [*ablation.body.encoder, *ablation.body.decoder]
+    assert not any(stage.cross for stage in stages) and all(stage.cross for stage in [*xmorpher.body.encoder, *xmorpher.body.decoder])
+    # the same parameter names (checkpoints of the former class load); the embedding sees the pair's
+    # channels and the head one stream's
+    shapes, cross_shapes = ({k: v.shape for k, v in m.state_dict().items()} for m in (ablation, xmorpher))
+    assert shapes.keys() == cross_shapes.keys()
+    assert {k for k in shapes if shapes[k] != cross_shapes[k]} == {
+        "patch_embed.proj.weight", "head.norm.weight", "head.norm.bias", "head.unpatch.weight"}
+    assert shapes["patch_embed.proj.weight"][1] == 2 and shapes["head.norm.weight"] == (TINY["embed_dim"],)
+
+
+def test_one_registry_names_the_models_everywhere():
+    from xmorpher.cli import _parser
+    from xmorpher.config import ModelConfig, load_config, option_table
+    from xmorpher.errors import XMorpherError
+    from xmorpher.factory import MODELS
+
+    assert model_names() == list(MODELS) and {"xmorpher", "xmorpher-nocross", "voxelmorph"} <= set(MODELS)
+    assert [f.name for f in dataclasses.fields(ModelConfig)] == ["name", "attention_backend", *map(option_table, MODELS)]
+    for name, variant in MODELS.items():
+        assert _parser().parse_args(["train", "--out", "run", "--model", name]).model == name
+        assert load_config(None, [f"model.name={name}"]).model.options() == {}
+        assert isinstance(_tiny(name), variant.model)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["train", "--out", "run", "--model", "transmorph"])
+    with pytest.raises(XMorpherError, match="xmorpher-nocross"):
+        load_config(None, ["model.name=transmorph"])

@@ -1,9 +1,8 @@
 """The paper's comparison models, with XMorpher's interface ``model(moving, fixed) -> flow``.
 
-* :class:`XMorpherNoCross`: the paper's "no-cross XMorpher" ablation. One stream whose input is
-  the moving and fixed volumes concatenated along channels, the same patch embedding, U-shaped
-  window-transformer body and head as XMorpher, but every block attends within its own stream
-  (``window_cross_attention`` with query, key and value from the same tokens).
+* :func:`XMorpherNoCross`: the paper's "no-cross XMorpher" ablation, the registered variant
+  ``build_model("xmorpher-nocross")``: XMorpher with ``fusion="concat"``, one stream whose input
+  is the moving and fixed volumes concatenated along channels, every block attending within it.
 * :class:`VoxelMorph`: the VoxelMorph U-net (Balakrishnan et al. 2019, "VoxelMorph-1" widths):
   3x3x3 convolutions with LeakyReLU(0.2), encoder 16-32-32-32 with max pooling, decoder
   32-32-32-32 with nearest upsampling and skip concatenation, then 32-16-16 at full resolution
@@ -16,52 +15,24 @@ Both accept ``diffeomorphic=True`` (scaling and squaring of the output as a velo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple, Type
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .framework import integrate_velocity
-from .model import FlowHead, PatchEmbed, TransformerUNet, XMorpherConfig, check_pair, init_transformer_weights, resolve_config
+from .model import XMorpher, XMorpherConfig, check_pair, resolve_config
 
 __all__ = ["XMorpherNoCross", "VoxelMorph", "VoxelMorphConfig"]
 
 
-class XMorpherNoCross(nn.Module):
-    """No-cross ablation of XMorpher: self attention over the channel-concatenated pair.
+def XMorpherNoCross(config: Optional[XMorpherConfig] = None, **kwargs: object) -> XMorpher:  # noqa: N802
+    """The no-cross ablation, ``build_model("xmorpher-nocross", config, **kwargs)``: an XMorpher
+    with ``fusion="concat"``; ``kwargs`` are XMorpher's (``attention_backend``, config fields).
+    A constructor named like the class it replaces, so that callers and checkpoints keep working."""
+    from .factory import build_model  # the registry imports this module
 
-    Args:
-        config: an :class:`XMorpherConfig` (``in_chans`` is per volume; the embedding sees twice
-            that); default the paper's.
-        attention_backend: backend of ``window_cross_attention`` in every block.
-        norm_layer, act_layer: normalisation and activation classes.
-        **overrides: fields of ``config`` to replace.
-    """
-
-    def __init__(
-        self,
-        config: Optional[XMorpherConfig] = None,
-        *,
-        attention_backend: str = "auto",
-        norm_layer: Type[nn.Module] = nn.LayerNorm,
-        act_layer: Type[nn.Module] = nn.GELU,
-        **overrides: object,
-    ) -> None:
-        super().__init__()
-        self.config: XMorpherConfig = resolve_config(XMorpherConfig, config, overrides)
-        c = self.config
-        self.patch_embed = PatchEmbed(2 * c.in_chans, c.embed_dim, c.patch_size)
-        self.body = TransformerUNet(c, cross=False, attention_backend=attention_backend, norm_layer=norm_layer, act_layer=act_layer)
-        self.head = FlowHead(c.embed_dim, c.head_channels, c.patch_size, norm_layer)
-        self.body.apply(init_transformer_weights)
-
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        check_pair(moving, fixed, self.config.in_chans)
-        tokens = self.body(self.patch_embed(torch.cat([moving, fixed], dim=1)))
-        flow = self.head(tokens, moving.shape[2:])
-        if self.config.diffeomorphic:
-            flow = integrate_velocity(flow, self.config.integration_steps)
-        return flow
+    return build_model("xmorpher-nocross", config, **kwargs)
 
 
 @dataclass(frozen=True)

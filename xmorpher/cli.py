@@ -19,6 +19,7 @@ import sys
 from typing import Optional, Sequence
 
 from .errors import XMorpherError
+from .factory import model_names
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 
@@ -34,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a registration network")
     _config_arguments(train)
-    train.add_argument("--model", choices=("xmorpher", "xmorpher-nocross", "voxelmorph"), help="overrides model.name")
+    train.add_argument("--model", choices=model_names(), help="overrides model.name")
     train.add_argument("--out", required=True, help="run folder: checkpoints, logs, config")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--evaluate", action="store_true", help="evaluate best.pt on the test split afterwards")
@@ -63,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args) -> int:
     from .config import load_config
-    from .train import init_distributed, shutdown_distributed, train
+    from .runtime import init_distributed, shutdown_distributed
+    from .train import train
 
     overrides = list(args.set) + ([f"model.name={args.model}"] if args.model else [])
     if args.resume and (args.config or overrides):

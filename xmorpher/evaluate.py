@@ -19,6 +19,7 @@ import torch
 
 from .config import Config
 from .data.datasets import make_dataset
+from .errors import registration_extra
 from .framework import (
     dice_per_label,
     hd95_per_label,
@@ -108,7 +109,8 @@ def evaluate(
 ) -> dict:
     """Score `checkpoint` on `config.evaluate.split` of `config.data` (default: the checkpoint's own
     config). Writes per_pair.csv, summary.json and example.png to `out_dir` when given."""
-    from tqdm import tqdm
+    with registration_extra():
+        from tqdm import tqdm
 
     registrar = Registrar(checkpoint, device)
     config = config or registrar.config

@@ -19,7 +19,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy import ndimage
+
+from .errors import registration_extra
+
+with registration_extra():
+    from scipy import ndimage
 
 __all__ = [
     "identity_grid",
@@ -211,7 +215,7 @@ def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: fl
         raise ValueError(f"expected two (B, C, D, H, W) volumes of one shape, got {tuple(fixed.shape)} and {tuple(warped.shape)}")
     if window < 1 or window % 2 == 0:
         raise ValueError(f"window must be odd and positive, got {window}")
-    # One grouped convolution pass over the five moments.
+    # The five moments stacked along channels: one box sum serves them all.
     moments = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
     sums = _box_sum(moments, window)
     s_f, s_w, s_ff, s_ww, s_fw = sums.chunk(5, dim=1)

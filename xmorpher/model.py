@@ -4,11 +4,13 @@ Two branches with shared weights, one for the moving and one for the fixed volum
 U-net of window transformer blocks; at every block the branches exchange information through a
 cross attention transformer (CAT) block applied in both directions with the same parameters.
 Attention is ``xmorpher_kernels.window_cross_attention`` (base window 2, searching window 6).
+``fusion="concat"`` is the paper's no-cross ablation: one branch that sees the moving and fixed
+volumes concatenated along channels, every block attending within it.
 
-Layout: the two branches travel stacked along the batch axis, ``[moving; fixed]`` of size 2B,
-so that one call of each layer serves both, and a fusion step is one block call whose context
-is the same tensor with its halves swapped (both streams updated simultaneously, from the
-previous values of both). Tokens are channels-last ``(N, D, H, W, C)``.
+Layout (``fusion="cross"``): the two branches travel stacked along the batch axis,
+``[moving; fixed]`` of size 2B, so that one call of each layer serves both, and a fusion step is
+one block call whose context is the same tensor with its halves swapped (both streams updated
+simultaneously, from the previous values of both). Tokens are channels-last ``(N, D, H, W, C)``.
 
 Sizes: any input size. The patch embedding zero-pads the volume at the far end up to a
 multiple of the patch size, each merging step zero-pads an odd token grid by one, each
@@ -61,9 +63,11 @@ __all__ = [
     "TransformerUNet",
     "FlowHead",
     "BORDER_MODES",
+    "FUSION_MODES",
 ]
 
 BORDER_MODES = ("mask", "zeros-before-projection")
+FUSION_MODES = ("cross", "concat")
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,11 @@ class XMorpherConfig:
         diffeomorphic: read the head's output as a stationary velocity field and integrate it by
             scaling and squaring.
         integration_steps: squaring steps of the diffeomorphic mode.
+        fusion: how the moving and fixed volumes meet. ``"cross"``: two streams with shared
+            weights exchanging information through CAT blocks (XMorpher). ``"concat"``: one stream
+            of the pair concatenated along channels, self attention only (the paper's no-cross
+            ablation; same parameter names, the embedding sees ``2 * in_chans`` channels and the
+            head ``embed_dim`` instead of ``2 * embed_dim``).
     """
 
     in_chans: int = 1
@@ -107,6 +116,7 @@ class XMorpherConfig:
     head_channels: int = 24
     diffeomorphic: bool = False
     integration_steps: int = 7
+    fusion: str = "cross"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "depths", tuple(self.depths))
@@ -119,6 +129,8 @@ class XMorpherConfig:
                 raise ValueError(f"stage {stage}: {dim} channels do not split into {heads} heads")
         if self.border not in BORDER_MODES:
             raise ValueError(f"border must be one of {BORDER_MODES}, got {self.border!r}")
+        if self.fusion not in FUSION_MODES:
+            raise ValueError(f"fusion must be one of {FUSION_MODES}, got {self.fusion!r}")
         if self.search_size < self.window_size or self.window_size < 1:
             raise ValueError(f"need 1 <= window_size <= search_size, got {self.window_size} and {self.search_size}")
         if self.patch_size < 1 or self.in_chans < 1 or self.embed_dim < 1:
@@ -186,7 +198,7 @@ class CrossAttentionBlock(nn.Module):
     stochastic depth. One LayerNorm serves both inputs (the paper puts "a LayerNorm before each
     W-MCA"), which lets :meth:`exchange` normalise and project the two streams once and swap
     the projected keys and values instead of re-normalising a swapped copy. With ``context is x``
-    it is a plain window self-attention block (the no-cross ablation).
+    it is a plain window self-attention block (``fusion="concat"``).
 
     Args:
         dim: token channels.
@@ -375,8 +387,9 @@ class TransformerUNet(nn.Module):
     skip connections concatenated then projected back (a linear layer). (N, d, h, w, C) in and out.
 
     Args:
-        config: stage layout, windows, MLP, stochastic depth, border (see :class:`XMorpherConfig`).
-        cross: cross attention between the two stacked streams (XMorpher) or self attention.
+        config: stage layout, windows, MLP, stochastic depth, border, and fusion: ``"cross"``
+            attends across the two streams stacked along the batch, ``"concat"`` within one stream
+            (see :class:`XMorpherConfig`).
         attention_backend: backend of ``window_cross_attention``.
         norm_layer, act_layer: normalisation and activation classes.
     """
@@ -385,7 +398,6 @@ class TransformerUNet(nn.Module):
         self,
         config: XMorpherConfig,
         *,
-        cross: bool,
         attention_backend: str = "auto",
         norm_layer: Type[nn.Module] = nn.LayerNorm,
         act_layer: Type[nn.Module] = nn.GELU,
@@ -412,7 +424,7 @@ class TransformerUNet(nn.Module):
                 )
                 for rate in rates[i]
             ]
-            return TransformerStage(blocks, cross)
+            return TransformerStage(blocks, cross=config.fusion == "cross")
 
         self.encoder = nn.ModuleList(stage(i) for i in range(len(dims)))
         self.merging = nn.ModuleList(PatchMerging(dims[i], norm_layer) for i in range(last))
@@ -485,6 +497,7 @@ class XMorpher(nn.Module):
 
     Inputs are ``(B, in_chans, D, H, W)`` of any size. The displacement maps fixed-space voxels
     into the moving volume: ``xmorpher.framework.warp(moving, flow)`` is aligned with ``fixed``.
+    ``XMorpherConfig.fusion`` chooses XMorpher itself or its no-cross ablation.
 
     Args:
         config: hyper-parameters; default the paper's (:class:`XMorpherConfig`).
@@ -505,16 +518,23 @@ class XMorpher(nn.Module):
         super().__init__()
         self.config: XMorpherConfig = resolve_config(XMorpherConfig, config, overrides)
         c = self.config
-        self.patch_embed = PatchEmbed(c.in_chans, c.embed_dim, c.patch_size)
-        self.body = TransformerUNet(c, cross=True, attention_backend=attention_backend, norm_layer=norm_layer, act_layer=act_layer)
-        self.head = FlowHead(2 * c.embed_dim, c.head_channels, c.patch_size, norm_layer)
+        # "cross" embeds each volume on its own and the head reads both streams' channels;
+        # "concat" embeds the channel-concatenated pair and the head reads its one stream
+        cross = c.fusion == "cross"
+        self.patch_embed = PatchEmbed(c.in_chans if cross else 2 * c.in_chans, c.embed_dim, c.patch_size)
+        self.body = TransformerUNet(c, attention_backend=attention_backend, norm_layer=norm_layer, act_layer=act_layer)
+        self.head = FlowHead(2 * c.embed_dim if cross else c.embed_dim, c.head_channels, c.patch_size, norm_layer)
         self.body.apply(init_transformer_weights)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         check_pair(moving, fixed, self.config.in_chans)
-        batch = moving.shape[0]
-        streams = self.body(self.patch_embed(torch.cat([moving, fixed], dim=0)))
-        flow = self.head(torch.cat([streams[:batch], streams[batch:]], dim=-1), moving.shape[2:])
+        if self.config.fusion == "cross":
+            batch = moving.shape[0]
+            streams = self.body(self.patch_embed(torch.cat([moving, fixed], dim=0)))
+            tokens = torch.cat([streams[:batch], streams[batch:]], dim=-1)
+        else:
+            tokens = self.body(self.patch_embed(torch.cat([moving, fixed], dim=1)))
+        flow = self.head(tokens, moving.shape[2:])
         if self.config.diffeomorphic:
             flow = integrate_velocity(flow, self.config.integration_steps)
         return flow

@@ -20,9 +20,9 @@ import torch
 
 from .checkpoint import load_model
 from .data.nifti import Volume, load_volume, normalize_intensity, save_volume
-from .errors import XMorpherError
+from .errors import XMorpherError, registration_extra
 from .framework import warp, warp_labels
-from .train import Distributed, autocast_dtype, resolve_device
+from .runtime import autocast_dtype, resolve_device
 
 VolumeLike = Union[str, os.PathLike, np.ndarray, torch.Tensor, Volume]
 
@@ -74,7 +74,7 @@ class Registrar:
     """A trained network loaded once, for registering many pairs."""
 
     def __init__(self, checkpoint: str, device: str = "auto") -> None:
-        self.device = resolve_device(device, Distributed())
+        self.device = resolve_device(device)
         self.model, self.config, self.payload = load_model(checkpoint, self.device)
         self.autocast = autocast_dtype(self.config.train.amp, self.device)
         self.checkpoint = checkpoint
@@ -142,10 +142,11 @@ def _grid_lines(ax, displacement_2d: np.ndarray, spacing: int) -> None:
 def save_panel(path: str, fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray, displacement: np.ndarray, title: str = "") -> None:
     """PNG: one row per voxel axis (middle slice), columns fixed, moving, warped, warped - fixed and
     the deformation grid. Slices are drawn with the first remaining axis horizontal, origin lower."""
-    import matplotlib
+    with registration_extra():
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
     columns = ("fixed", "moving", "warped", "warped - fixed", "deformation grid")
     figure, axes = plt.subplots(3, 5, figsize=(15, 9.5), squeeze=False)

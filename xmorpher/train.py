@@ -11,18 +11,16 @@ end), best.pt (best validation score), log.csv, and tensorboard/ when TensorBoar
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
-from typing import Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
@@ -38,23 +36,11 @@ from .checkpoint import (
 )
 from .config import Config, TrainConfig, to_dict, to_toml
 from .data.datasets import make_dataset
-from .errors import XMorpherError
+from .errors import XMorpherError, registration_extra
 from .framework import dice_loss, dice_per_label, diffusion_loss, mse_loss, ncc_loss, warp, warp_labels
+from .runtime import Distributed, all_gather_objects, all_reduce_sum_, autocast_dtype, data_parallel, init_distributed, resolve_device
 
 LOG_FIELDS = ("step", "epoch", "loss", "similarity", "diffusion", "dice_loss", "lr", "pairs_per_s", "val_dice", "val_similarity")
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """This process's place in the job: rank 0 of 1 when not launched by torchrun."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 class PairSampler(Sampler):
@@ -88,34 +74,6 @@ class PairSampler(Sampler):
 
     def __len__(self) -> int:
         return (self.steps - self.start_step) * self.batch
-
-
-def init_distributed() -> Distributed:
-    """Join the torchrun job described by the environment, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Distributed()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def resolve_device(name: str, dist_info: Distributed) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise XMorpherError(f"device '{name}' requested but CUDA is not available")
-    return device
-
-
-def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    """Mixed precision on CUDA only: bf16 where supported, else fp16 (with a grad scaler)."""
-    if device.type != "cuda" or amp == "off":
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 def one_hot(labels: torch.Tensor, count: int) -> torch.Tensor:
@@ -170,8 +128,7 @@ def validate(model, config: Config, dataset, device, dist_info: Distributed, aut
             scores = dice_per_label(warped, item["fixed_labels"])
             totals[0] += float(scores.nanmean())
             totals[1] += 1
-    if dist_info.world > 1:
-        dist.all_reduce(totals)
+    all_reduce_sum_(totals, dist_info)
     model.train()
     dice = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
     return {"val_dice": dice, "val_similarity": float(totals[2] / max(float(totals[3]), 1.0))}
@@ -216,21 +173,81 @@ def _tensorboard(out_dir: str):
 
 
 def _progress(total: int, initial: int, enabled: bool, description: str):
-    from tqdm import tqdm
+    with registration_extra():
+        from tqdm import tqdm
 
     # redrawn in place on a terminal; into a log file, one line every half minute is plenty
     interval = 0.1 if sys.stderr.isatty() else 30.0
     return tqdm(total=total, initial=initial, disable=not enabled, desc=description, unit="step", mininterval=interval, leave=True)
 
 
-def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool = True) -> dict:
-    """Train `config.model` on `config.data` into `out_dir`; returns the final summary (rank 0's view).
+@dataclass
+class TrainingState:
+    """What the step, validation and checkpoint functions share. ``step`` and ``best`` advance as
+    the run goes; the rest is fixed when the run is set up."""
 
-    With `resume`, continue the run in `out_dir` from its last.pt exactly where it stopped (the
-    checkpoint's config is used). Without it, `out_dir` must not hold a run already.
-    """
-    dist_info = init_distributed()
-    last_path, best_path = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "best.pt")
+    config: Config
+    dist_info: Distributed
+    device: torch.device
+    model: torch.nn.Module  # the network itself: checkpoints, validation, gradient clipping
+    network: torch.nn.Module  # what training batches go through: `model`, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    autocast: Optional[torch.dtype]
+    label_names: list  # of the training data; empty without labels
+    step: int = 0
+    best: dict = field(default_factory=lambda: {"score": -math.inf, "step": 0})
+
+
+def train_step(state: TrainingState, batch: dict) -> dict:
+    """One optimiser step on a batch of the loader; returns the loss terms as floats."""
+    train_config = state.config.train
+    batch = to_device(batch, state.device)
+    with torch.autocast(state.device.type, dtype=state.autocast, enabled=state.autocast is not None):
+        flow = state.network(batch["moving"], batch["fixed"])
+    terms = registration_losses(train_config, batch, flow, len(state.label_names) or None)
+    if not torch.isfinite(terms["loss"]):
+        raise XMorpherError(f"the loss became {float(terms['loss'])} at step {state.step + 1}; lower train.lr or check the data")
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(terms["loss"]).backward()
+    if train_config.grad_clip > 0:
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), train_config.grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.scheduler.step()
+    state.step += 1
+    return {key: float(value.detach()) for key, value in terms.items()}
+
+
+def validate_epoch(state: TrainingState, val_set, best_path: str) -> dict:
+    """Score the val split at the end of an epoch (a collective); a score better than every earlier
+    one (Dice, or the similarity without labels) becomes ``best`` and is saved to ``best_path``."""
+    scores = validate(state.model, state.config, val_set, state.device, state.dist_info, state.autocast)
+    score = scores["val_dice"] if not math.isnan(scores["val_dice"]) else -scores["val_similarity"]
+    if score > state.best["score"]:
+        state.best = {"score": score, "step": state.step, **scores}
+        save_checkpoint(state, best_path)
+    return scores
+
+
+def save_checkpoint(state: TrainingState, path: str) -> None:
+    """Write the run as it stands to ``path`` (atomically, from rank 0). Every rank's RNG state goes
+    into the file: a collective, so all ranks call this together."""
+    rng = all_gather_objects(rng_state(), state.dist_info)
+    if state.dist_info.main:
+        payload = make_checkpoint(
+            state.config, state.model.state_dict(), optimizer=state.optimizer.state_dict(),
+            scheduler=state.scheduler.state_dict(), scaler=state.scaler.state_dict() if state.scaler.is_enabled() else None,
+            step=state.step, best=state.best, rng=rng, label_names=state.label_names,
+        )
+        atomic_save(payload, path)
+
+
+def _open_run(config: Config, out_dir: str, resume: bool, dist_info: Distributed) -> Tuple[Config, Optional[dict]]:
+    """The run's config and, when resuming, its last checkpoint; rank 0 writes config.toml."""
+    last_path = os.path.join(out_dir, "last.pt")
     payload = None
     if resume:
         if not os.path.isfile(last_path):
@@ -243,8 +260,13 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.toml"), "w") as handle:
             handle.write(to_toml(to_dict(config)))
+    return config, payload
 
-    device = resolve_device(config.train.device, dist_info)
+
+def _set_up(config: Config, dist_info: Distributed, label_names: list, payload: Optional[dict], path: str) -> TrainingState:
+    """Model, optimiser, scheduler and grad scaler on this process's device, seeded, or restored
+    from ``payload`` (read from ``path``) with this rank's RNG state."""
+    device = resolve_device(config.train.device, dist_info.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL collectives use the current device
     if config.train.threads > 0:
@@ -255,123 +277,94 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
     scheduler = make_scheduler(optimizer, config)
     autocast = autocast_dtype(config.train.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
-
-    train_set, val_set = make_dataset(config.data, "train"), make_dataset(config.data, "val")
-    num_labels = len(train_set.label_names) if getattr(train_set, "label_names", None) else None
-
-    step, best = 0, {"score": -math.inf, "step": 0}
+    state = TrainingState(config, dist_info, device, model, model, optimizer, scheduler, scaler, autocast, label_names)
     if payload is not None:
-        load_model_state(model, payload["model"], last_path)
+        load_model_state(model, payload["model"], path)
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         if payload["scaler"]:
             scaler.load_state_dict(payload["scaler"])
-        step, best = payload["step"], payload["best"]
+        state.step, state.best = payload["step"], payload["best"]
         rng_states = payload["rng"]
         if len(rng_states) != dist_info.world and dist_info.main:
             print(f"warning: resuming a {len(rng_states)}-process run with {dist_info.world} processes; not bit-exact", file=sys.stderr)
         set_rng_state(rng_states[dist_info.rank % len(rng_states)])
+    state.network = data_parallel(model, device, dist_info)
+    state.network.train()
+    return state
 
-    network = model
-    if dist_info.world > 1:
-        network = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    network.train()
 
-    log = CsvLog(os.path.join(out_dir, "log.csv"), step if resume else None) if dist_info.main else None
+def _epoch_loader(train_set, state: TrainingState, epoch: int, start_step: int) -> DataLoader:
+    """This rank's batches of epoch ``epoch`` from its step ``start_step`` on."""
+    train_config = state.config.train
+    sampler = PairSampler(len(train_set), train_config.steps_per_epoch, train_config.batch_size, state.dist_info,
+                          train_config.seed, epoch, start_step)
+    # its own generator: a loader otherwise draws its workers' base seed from the global torch
+    # RNG, which would make a resumed epoch (a new loader mid-epoch) diverge from an uninterrupted one
+    return DataLoader(
+        train_set, batch_size=train_config.batch_size, sampler=sampler, num_workers=train_config.num_workers,
+        pin_memory=state.device.type == "cuda", generator=torch.Generator().manual_seed(train_config.seed + epoch),
+    )
+
+
+def _record(log: Optional[CsvLog], board, row: dict, group: str, scalars: dict) -> None:
+    """A row of log.csv (rank 0 only: the others have no log), and ``scalars`` in TensorBoard under ``group/``."""
+    if log is None:
+        return
+    log.write(row)
+    if board is not None:
+        for key, value in scalars.items():
+            board.add_scalar(f"{group}/{key}", value, row["step"])
+
+
+def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool = True) -> dict:
+    """Train `config.model` on `config.data` into `out_dir`; returns the final summary (rank 0's view).
+
+    With `resume`, continue the run in `out_dir` from its last.pt exactly where it stopped (the
+    checkpoint's config is used). Without it, `out_dir` must not hold a run already.
+    """
+    dist_info = init_distributed()
+    last_path, best_path = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "best.pt")
+    config, payload = _open_run(config, out_dir, resume, dist_info)
+    train_set, val_set = make_dataset(config.data, "train"), make_dataset(config.data, "val")
+    state = _set_up(config, dist_info, list(getattr(train_set, "label_names", None) or []), payload, last_path)
+    log = CsvLog(os.path.join(out_dir, "log.csv"), state.step if resume else None) if dist_info.main else None
     board = _tensorboard(out_dir) if dist_info.main else None
-
-    def checkpoint(path: str, at_step: int) -> None:
-        # every rank's RNG state goes into the file: a collective, so all ranks call this together
-        states = [None] * dist_info.world
-        if dist_info.world > 1:
-            dist.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
-        if dist_info.main:
-            atomic_save(
-                make_checkpoint(
-                    config, model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                    scaler=scaler.state_dict() if scaler.is_enabled() else None, step=at_step, best=best, rng=states,
-                    label_names=list(getattr(train_set, "label_names", None) or []),
-                ),
-                path,
-            )
 
     steps_per_epoch, epochs = config.train.steps_per_epoch, config.train.epochs
     pairs_per_step = config.train.batch_size * dist_info.world
-    bar = _progress(epochs * steps_per_epoch, step, progress and dist_info.main, f"train {config.model.name}")
-    summary: dict = {"step": step}
+    bar = _progress(epochs * steps_per_epoch, state.step, progress and dist_info.main, f"train {config.model.name}")
+    summary: dict = {"step": state.step}
     throughput = None
     try:
-        while step < epochs * steps_per_epoch:
-            epoch, start = divmod(step, steps_per_epoch)
-            sampler = PairSampler(len(train_set), steps_per_epoch, config.train.batch_size, dist_info, config.train.seed, epoch, start)
-            # its own generator: a loader otherwise draws its workers' base seed from the global torch
-            # RNG, which would make a resumed epoch (a new loader mid-epoch) diverge from an uninterrupted one
-            loader = DataLoader(
-                train_set, batch_size=config.train.batch_size, sampler=sampler, num_workers=config.train.num_workers,
-                pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.train.seed + epoch),
-            )
+        while state.step < epochs * steps_per_epoch:
+            epoch, start = divmod(state.step, steps_per_epoch)
             tick = time.perf_counter()
-            for batch in loader:
-                batch = to_device(batch, device)
-                with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                    flow = network(batch["moving"], batch["fixed"])
-                terms = registration_losses(config.train, batch, flow, num_labels)
-                if not torch.isfinite(terms["loss"]):
-                    raise XMorpherError(f"the loss became {float(terms['loss'])} at step {step + 1}; lower train.lr or check the data")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(terms["loss"]).backward()
-                if config.train.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step += 1
+            for batch in _epoch_loader(train_set, state, epoch, start):
+                values = train_step(state, batch)
                 now = time.perf_counter()
                 rate = pairs_per_step / max(now - tick, 1e-9)
                 throughput = rate if throughput is None else 0.9 * throughput + 0.1 * rate
                 tick = now
-                values = {key: float(value.detach()) for key, value in terms.items()}
                 bar.update(1)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", pairs_s=f"{throughput:.2f}", epoch=epoch + 1, refresh=False)
-                if log is not None and step % config.train.log_every == 0:
-                    row = {"step": step, "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "pairs_per_s": throughput, **values}
-                    log.write(row)
-                    if board is not None:
-                        for key, value in row.items():
-                            board.add_scalar(f"train/{key}", value, step)
-                end_of_epoch = step % steps_per_epoch == 0
+                if state.step % config.train.log_every == 0:
+                    row = {"step": state.step, "epoch": epoch + 1, "lr": state.scheduler.get_last_lr()[0], "pairs_per_s": throughput, **values}
+                    _record(log, board, row, "train", row)
+                end_of_epoch = state.step % steps_per_epoch == 0
                 if end_of_epoch:
-                    scores = validate(network.module if dist_info.world > 1 else network, config, val_set, device, dist_info, autocast)
-                    score = scores["val_dice"] if not math.isnan(scores["val_dice"]) else -scores["val_similarity"]
-                    if score > best["score"]:
-                        best = {"score": score, "step": step, **scores}
-                        checkpoint(best_path, step)
-                    summary = {"step": step, "epoch": epoch + 1, **scores, "best_step": best["step"]}
-                    if log is not None:
-                        log.write({"step": step, "epoch": epoch + 1, **scores})
-                        if board is not None:
-                            for key, value in scores.items():
-                                board.add_scalar(f"val/{key}", value, step)
+                    scores = validate_epoch(state, val_set, best_path)
+                    summary = {"step": state.step, "epoch": epoch + 1, **scores, "best_step": state.best["step"]}
+                    _record(log, board, {"step": state.step, "epoch": epoch + 1, **scores}, "val", scores)
                     bar.write(
                         f"epoch {epoch + 1}/{epochs}: val Dice {scores['val_dice']:.4f}, val similarity "
-                        f"{scores['val_similarity']:.4f} (best step {best['step']})"
+                        f"{scores['val_similarity']:.4f} (best step {state.best['step']})"
                     )
-                if end_of_epoch or step % config.train.checkpoint_every == 0:
-                    checkpoint(last_path, step)
+                if end_of_epoch or state.step % config.train.checkpoint_every == 0:
+                    save_checkpoint(state, last_path)
     finally:
         bar.close()
         if board is not None:
             board.close()
-    summary.update({"best": best, "out_dir": out_dir})
+    summary.update({"best": state.best, "out_dir": out_dir})
     return summary
-
-
-def shutdown_distributed() -> None:
-    if dist.is_initialized():
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
