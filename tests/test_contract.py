@@ -235,7 +235,7 @@ def test_fp64_gradcheck(target, generator):
     if torch.float64 not in available_backends()[target.backend].dtypes:
         pytest.skip(f"{target.backend} has no float64 kernels to gradcheck")
     for padding in ("mask", "constant"):
-        problem = _on(make_problem((2, 3, 4, 3, 2, 3), (2, 3, 1), (5, 4, 3), padding=padding, bias=True,
+        problem = _on(make_problem((2, 2, 3, 3, 1, 2), (2, 3, 1), (5, 4, 3), padding=padding, bias=True,
                                    dtype=torch.float64, generator=generator), target)
         names = list(problem.tensors())
 
@@ -245,7 +245,10 @@ def test_fp64_gradcheck(target, generator):
             return window_cross_attention(named["query"], named["key"], named["value"], (2, 3, 1), (5, 4, 3),
                                           padding=padding, backend=target.backend, **extra)
 
-        assert torch.autograd.gradcheck(call, tuple(problem.tensors().values()))
+        # The reference's gradients are PyTorch's own autograd through ~50 small ops: the fast
+        # (random projection) mode checks them in seconds where the full one takes minutes.
+        assert torch.autograd.gradcheck(call, tuple(problem.tensors().values()),
+                                        fast_mode=target.backend == "reference")
 
 
 # ----------------------------------------------------------------------------------------------

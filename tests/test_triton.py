@@ -9,6 +9,7 @@ process it runs itself again in a subprocess without the interpreter.
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,14 +48,6 @@ def triton_backend_on_device():
         yield
 
 
-@pytest.fixture(params=[True, False], ids=["deterministic", "atomic"])
-def deterministic(request):
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(request.param)
-    yield request.param
-    torch.use_deterministic_algorithms(previous)
-
-
 def generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -79,14 +72,14 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_reference(case, deterministic):
+def test_matches_reference(case):
     shape, options = CASES[case]
     problem = make_problem(shape, device=DEVICE, generator=generator(), **options)
     check_against_reference(problem, "triton")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision(dtype, deterministic):
+def test_half_precision(dtype):
     problem = make_problem((1, 3, 4, 5, 2, 16), padding="constant", bias=True, dtype=dtype, device=DEVICE,
                            generator=generator(1))
     check_against_reference(problem, "triton")
@@ -112,21 +105,101 @@ def test_strided_inputs_match_reference():
     check_against_reference(problem, "triton")
 
 
-def test_deterministic_backward_is_bitwise_reproducible():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        problem = make_problem((2, 2, 3, 4, 1, 8), padding="constant", bias=True, device=DEVICE, generator=generator(3))
-        grad_out = torch.randn(problem.query.shape, generator=generator(4)).to(DEVICE)
-        runs = []
-        for _ in range(2):
-            fresh = problem.to()
-            fresh.run("triton").backward(grad_out)
-            runs.append([t.grad.clone() for t in fresh.tensors().values()])
-    finally:
-        torch.use_deterministic_algorithms(previous)
+# Cases for the bias and pad gradients, which the query pass sums per program and the key pass
+# reduces (xmorpher_kernels/_triton_kernels.py): partial windows, odd head dims, both paddings,
+# several heads, more slots than a reducing program takes at once, pad columns across two of its
+# column blocks, query-pass tiles that split a window, and long walks along x.
+BIAS_PAD_CASES = {
+    # 2 x 20 query-pass programs per head (over REDUCE_SLOTS); 3 windows per tile, the last one
+    # partial; 2 chunks of union-box columns.
+    "many_slots_constant": ((2, 4, 5, 5, 1, 3), dict(window_size=(1, 1, 2), search_size=(3, 3, 4),
+                                                     padding="constant", bias=True)),
+    # 75 bias entries then 2 x 13 pad columns: the pads straddle the reducers' column blocks.
+    "pad_columns_straddle": ((1, 4, 5, 7, 2, 13), dict(window_size=(2, 2, 1), search_size=(4, 4, 3),
+                                                      padding="constant", bias=True)),
+    # Pads without a bias: the slot holds only the pad gradients.
+    "pads_only": ((1, 3, 4, 6, 2, 24), dict(window_size=2, search_size=4, padding="constant")),
+    # 27-query windows: two 16-row query-pass tiles per window, the second partial.
+    "large_window_mask": ((1, 4, 5, 6, 1, 7), dict(window_size=3, search_size=5, bias=True)),
+    # 10 windows along x: a walk of 5 packs per program.
+    "long_walk": ((1, 2, 2, 20, 1, 8), dict(window_size=2, bias=True, padding="constant")),
+}
+
+
+@pytest.mark.parametrize("case", list(BIAS_PAD_CASES))
+def test_bias_and_pad_gradients_match_reference(case, seed):
+    shape, options = BIAS_PAD_CASES[case]
+    problem = make_problem(shape, device=DEVICE, generator=generator(seed), **options)
+    errors = check_against_reference(problem, "triton")
+    assert {"grad of rel_pos_bias", "grad of pad_key", "grad of pad_value"} & set(errors)
+
+
+def test_backward_is_bitwise_reproducible():
+    """No atomics: every sum of the backward has a fixed order."""
+    problem = make_problem((2, 2, 3, 4, 2, 8), padding="constant", bias=True, device=DEVICE, generator=generator(3))
+    grad_out = torch.randn(problem.query.shape, generator=generator(4)).to(DEVICE)
+    runs = []
+    for _ in range(2):
+        fresh = problem.to()
+        fresh.run("triton").backward(grad_out)
+        runs.append([t.grad.clone() for t in fresh.tensors().values()])
+    assert len(runs[0]) == 6
     for first, second in zip(*runs):
         assert torch.equal(first, second)
+
+
+def _kernel_call():
+    """Arguments of _triton_kernels.forward for a small call with every feature on."""
+    from xmorpher_kernels._geometry import WindowGeometry
+
+    problem = make_problem((2, 3, 4, 6, 2, 16), padding="constant", bias=True, device=DEVICE, generator=generator(11))
+    geometry = WindowGeometry(tuple(problem.query.shape[1:4]), (2, 2, 2), (6, 6, 6))
+    tensors = [t.detach() for t in problem.tensors().values()]
+    query, key, value, bias, pad_key, pad_value = tensors
+    return (query, key, value, geometry, 0.25, bias, pad_key, pad_value)
+
+
+def test_calls_only_allocate_and_launch(monkeypatch):
+    """forward and backward launch LAUNCHES_PER_FORWARD and LAUNCHES_PER_BACKWARD kernels and run
+    no other PyTorch op than allocating their results and scratch: no fills, casts, reductions
+    or host synchronisations (what the interpreter does inside a launch is not looked at). On a
+    GPU, tests/test_gpu_call_path.py counts what the device runs per call with torch.profiler."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from xmorpher_kernels import _triton_kernels as kernels
+
+    launches, ops, in_launch = [], [], [False]
+
+    class RecordOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not in_launch[0]:
+                ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    launch = kernels._launch
+
+    def counted_launch(kernel, *args, **kwargs):
+        launches.append(kernel)
+        in_launch[0] = True
+        try:
+            return launch(kernel, *args, **kwargs)
+        finally:
+            in_launch[0] = False
+
+    monkeypatch.setattr(kernels, "_launch", counted_launch)
+    query, key, value, geometry, scale, bias, pad_key, pad_value = _kernel_call()
+    grad_out = torch.randn_like(query)
+    with RecordOps():
+        out, lse = kernels.forward(query, key, value, geometry, scale, bias, pad_key, pad_value)
+    assert len(launches) == kernels.LAUNCHES_PER_FORWARD == 1
+    forward_ops = list(ops)
+    with RecordOps():
+        grads = kernels.backward(grad_out, query, key, value, out, lse, geometry, scale, bias, pad_key, pad_value)
+    assert len(launches) - 1 == kernels.LAUNCHES_PER_BACKWARD == 2
+    assert all(g is not None for g in grads)
+    allocations = {"empty", "empty_like", "empty_strided"}
+    assert set(forward_ops) <= allocations, forward_ops
+    assert set(ops) <= allocations, ops
 
 
 def _configs():
@@ -141,7 +214,7 @@ def _configs():
 
 
 @pytest.mark.parametrize("config", _configs())
-def test_every_config_matches_reference(config, deterministic):
+def test_every_config_matches_reference(config):
     """Each autotune configuration on its own (the interpreter runs the default elsewhere; here
     the narrowest, whose key loop takes the most steps)."""
     from xmorpher_kernels import _triton_kernels
@@ -154,7 +227,7 @@ def test_every_config_matches_reference(config, deterministic):
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_paper_first_stage_geometry_on_gpu(dtype, deterministic):
+def test_paper_first_stage_geometry_on_gpu(dtype):
     problem = make_problem((1, 12, 12, 8, 3, 16), window_size=2, search_size=6, bias=True, dtype=dtype,
                            device=DEVICE, generator=generator(6))
     check_against_reference(problem, "triton")
@@ -220,94 +293,142 @@ def test_auto_never_picks_the_interpreter():
 # Ahead-of-time compilation for sm_90 / sm_80: what the interpreter cannot check.
 # ----------------------------------------------------------------------------------------------
 
-_FP32_BUFFERS = {"LSE", "DELTA", "GRAD_KEY_ACC", "GRAD_VALUE_ACC", "BIAS_PARTIAL", "PAD_PARTIAL"}
+_FP32_BUFFERS = {"LSE", "DELTA", "PARTIALS"}
+# A global load of one 16-bit element: "ld.global[.nc][.L1::...].b16" (or .u16/.s16), no .v2/.v4.
+_SCALAR_16BIT_LOAD = re.compile(r"\bld\.global(?:\.(?!v[248]\b)[\w:]+)*\.[bus]16\b")
+# A vector load, or an asynchronous copy of at least 8 bytes to shared memory (how Triton
+# pipelines the loads of a loop).
+_WIDE_LOAD = re.compile(r"\bld\.global(?:\.[\w:]+)*?\.v[248]\."
+                        r"|\bcp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (?:8|16|0x8|0x10)\b")
 
 
-def compile_for_gpu(kernel, dtype: str, constexprs: dict, arch: int, num_warps: int, num_stages: int) -> str:
-    """Compile a kernel of _triton_kernels for an NVIDIA target without a GPU; returns its PTX.
+def compile_for_gpu(kernel, dtype: str, constexprs: dict, arch: int, num_warps: int, num_stages: int):
+    """Compile a kernel of _triton_kernels for an NVIDIA target without a GPU (Triton >= 3.3:
+    constexprs and attributes by name and path, as in 3.6 and 3.8); returns the compiled kernel.
 
-    The one place that knows how triton.compile wants signatures: upper-case parameters other
-    than the D, H, W sizes are pointers (fp32 for the statistics and partial sums, int64 for
-    MAP, ``dtype`` otherwise), ``scale`` is fp32, the rest int32. Triton >= 3.2 takes constexprs
-    by name with "constexpr" in the signature; older 3.x took them by index, without.
+    The one place that knows how triton.compile wants signatures: upper-case parameters are
+    pointers (fp32 for the statistics and partial sums, ``dtype`` otherwise), ``*_strides`` are
+    tuples of five int32, ``scale`` is fp32. Pointers and strides are declared divisible by 16,
+    as Triton specializes them at run time for the contiguous (B, D, H, W, heads, head_dim)
+    tensors of a head_dim-16 call: without that the compiler cannot prove 16-byte alignment.
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    def arg_type(name: str) -> str:
-        if name.isupper() and name not in ("D", "H", "W"):
-            return "*i64" if name == "MAP" else "*fp32" if name in _FP32_BUFFERS else f"*{dtype}"
-        return "fp32" if name == "scale" else "i32"
+    signature, attrs = {}, {}
+    divisible = [["tt.divisibility", 16]]
+    for index, param in enumerate(kernel.params):
+        name = param.name
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+        elif name.endswith("_strides"):
+            signature[name] = ("i32",) * 5
+            attrs.update({(index, axis): divisible for axis in range(5)})
+        elif name.isupper():
+            signature[name] = "*fp32" if name in _FP32_BUFFERS else f"*{dtype}"
+            attrs[(index,)] = divisible
+        else:
+            assert name == "scale", f"no type for argument {name}"
+            signature[name] = "fp32"
+    missing = {p.name for p in kernel.params if p.is_constexpr} ^ set(constexprs)
+    assert not missing, f"constexprs {sorted(missing)} mismatch"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
 
-    names = [p.name for p in kernel.params]
-    constexpr_names = {p.name for p in kernel.params if p.is_constexpr}
-    assert set(constexprs) == constexpr_names, f"constexprs {sorted(constexpr_names ^ set(constexprs))} mismatch"
-    if "constexprs" in ASTSource.__init__.__code__.co_varnames:
-        signature = {n: "constexpr" if n in constexprs else arg_type(n) for n in names}
-        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    else:
-        signature = {i: arg_type(n) for i, n in enumerate(names) if n not in constexprs}
-        source = ASTSource(fn=kernel, signature=signature, constants={names.index(n): v for n, v in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
-    return compiled.asm["ptx"]
+
+def loop_bodies(ptx: str):
+    """The PTX of each loop: from a label to the last branch back to it (nested loops included)."""
+    labels = {m.group(1): m.end() for m in re.finditer(r"^(\$L__\w+):", ptx, re.M)}
+    bodies = {}
+    for branch in re.finditer(r"\bbra(?:\.uni)?\s+(\$L__\w+);", ptx):
+        start = labels.get(branch.group(1))
+        if start is not None and start < branch.start():
+            bodies[branch.group(1)] = ptx[start:branch.start()]
+    return list(bodies.values())
+
+
+def local_memory_bytes(compiled) -> int:
+    """Registers spilled to local memory, per thread (cuobjdump -res-usage on the cubin)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"STACK:(\d+).*LOCAL:(\d+)", usage)
+    assert found, usage
+    return int(found.group(1)) + int(found.group(2))
 
 
 def _aot_jobs():
-    """(label, kernel, constexprs, configs, dtypes, arches, uses tl.dot).
+    """(label, kernel, constexprs, configs, dtypes, arches, checks).
 
-    Every config and dtype of the three main kernels for sm_90 at the paper's geometry with every
-    feature on; the default config for sm_80 too; and a large window with head_dim 128 and every
-    feature off (the largest tiles) in the default config.
+    Checks: "mma" (tensor cores in 16-bit, none in fp32), "loads" (no 16-bit scalar global load
+    in any loop, and some wide ones), "spills" (no local memory). At the paper's geometry with
+    every feature on: every config and dtype of the three kernels for sm_90, and the default
+    config in bf16 for sm_80 and sm_90, without spills. The load widths at head_dim 16 with
+    constant padding but no rel_pos_bias (whose per-pair gathers are scalar by nature): bf16 in
+    every config of at most 4 warps (with 8, a 16-row x 16 tile leaves one element per thread:
+    nothing to vectorize), fp16 in the default config for sm_80 and sm_90. And a large window
+    with head_dim 128 and every feature off (the largest tiles) in the default config.
     """
     from xmorpher_kernels import _triton_kernels as kernels
     from xmorpher_kernels._geometry import WindowGeometry
 
-    every_dtype = ("fp16", "bf16", "fp32")
+    paper = WindowGeometry((32, 36, 36), (2, 2, 2), (6, 6, 6))
+    wide = WindowGeometry((16, 16, 16), (4, 4, 5), (8, 8, 9))
+    narrow_configs = [c for c in kernels.CONFIGS if c.num_warps <= 4]
+    default = [kernels.DEFAULT_CONFIG]
     jobs = []
-    for label, geometry, head_dim, features, configs, dtypes, arches in (
-        ("paper", WindowGeometry((32, 36, 36), (2, 2, 2), (6, 6, 6)), 16, True, kernels.CONFIGS, every_dtype, (90,)),
-        ("paper", WindowGeometry((32, 36, 36), (2, 2, 2), (6, 6, 6)), 16, True, [kernels.DEFAULT_CONFIG], ("bf16",), (80,)),
-        ("wide", WindowGeometry((16, 16, 16), (4, 4, 5), (8, 8, 9)), 128, False, [kernels.DEFAULT_CONFIG], ("bf16", "fp32"), (90,)),
+    for label, geometry, head_dim, bias, pad, configs, dtypes, arches, checks in (
+        ("paper", paper, 16, True, True, kernels.CONFIGS, ("fp16", "bf16", "fp32"), (90,), ("mma",)),
+        ("paper", paper, 16, True, True, default, ("bf16",), (80, 90), ("mma", "spills")),
+        ("paper-no-bias", paper, 16, False, True, narrow_configs, ("bf16",), (90,), ("loads",)),
+        ("paper-no-bias", paper, 16, False, True, default, ("fp16",), (80, 90), ("loads",)),
+        ("wide", wide, 128, False, False, default, ("bf16", "fp32"), (90,), ("mma",)),
     ):
-        tiling = kernels.Tiling.of(geometry, head_dim)
-        shared = dict(**tiling.geometry_constexprs(), HEAD_DIM_PAD=tiling.head_dim_pad, HAS_BIAS=features)
-        for name, kernel, constexprs in (
-            ("forward", kernels._forward_kernel, dict(shared, CONSTANT_PAD=features)),
-            ("backward-query", kernels._backward_query_kernel, dict(shared, CONSTANT_PAD=features, ATOMIC_KV=features)),
-            ("backward-key", kernels._backward_key_kernel, dict(shared, **tiling.key_constexprs())),
-        ):
-            jobs.append((f"{label}-{name}", kernel, constexprs, configs, dtypes, arches, True))
-    geometry_names = ("WZ", "WY", "WX", "SZ", "SY", "SX", "LZ", "LY", "LX", "PACK", "BLOCK_Q")
-    map_constexprs = {k: v for k, v in jobs[0][2].items() if k in geometry_names}
-    jobs.append(("bias-index-map", kernels._bias_index_map_kernel, map_constexprs, [kernels.DEFAULT_CONFIG],
-                 ("fp32",), (90,), False))
+        constexprs = kernels.LaunchPlan.of(geometry, head_dim, bias, pad).constexprs
+        for name, kernel in (("forward", kernels._forward_kernel), ("backward-query", kernels._backward_query_kernel),
+                             ("backward-key", kernels._backward_key_kernel)):
+            jobs.append((f"{label}-{name}", kernel, constexprs, configs, dtypes, arches, checks))
     return jobs
 
 
 def run_aot_compiles() -> int:
-    """Compile every job of _aot_jobs(); assert tensor-core instructions in the 16-bit PTX of the
-    tl.dot kernels and none (no TF32) in fp32. Returns the number of compiles."""
+    """Compile every job of _aot_jobs() and run its checks. Returns the number of compiles."""
     from xmorpher_kernels import _triton_kernels as kernels
 
     assert not kernels.INTERPRETED, "AOT compiles need the compiled (not interpreted) kernels"
     count = 0
-    for name, kernel, constexprs, configs, dtypes, arches, uses_dot in _aot_jobs():
+    for name, kernel, constexprs, configs, dtypes, arches, checks in _aot_jobs():
         for config in configs:
             for dtype in dtypes:
                 for arch in arches:
-                    ptx = compile_for_gpu(kernel, dtype, dict(constexprs, **config.kwargs), arch,
-                                          config.num_warps, config.num_stages)
+                    compiled = compile_for_gpu(kernel, dtype, dict(constexprs, **config.kwargs), arch,
+                                               config.num_warps, config.num_stages)
+                    ptx = compiled.asm["ptx"]
                     count += 1
                     where = f"{name} {dtype} sm_{arch} {config}"
-                    if uses_dot and dtype != "fp32":
+                    if "mma" in checks and dtype != "fp32":
                         assert "mma" in ptx, f"{where}: no tensor-core (mma) instruction in the PTX"
-                    if dtype == "fp32":
+                    if "mma" in checks and dtype == "fp32":
                         assert "mma" not in ptx, f"{where}: tensor-core code in fp32 (TF32 misses the fp32 tolerance)"
+                    if "loads" in checks:
+                        loops = loop_bodies(ptx)
+                        assert loops, f"{where}: no loop found in the PTX"
+                        scalar = [m.group(0) for body in loops for m in _SCALAR_16BIT_LOAD.finditer(body)]
+                        assert not scalar, f"{where}: 16-bit scalar global loads in a loop: {scalar}"
+                        assert any(_WIDE_LOAD.search(body) for body in loops), f"{where}: no vector load in a loop"
+                    if "spills" in checks:
+                        assert local_memory_bytes(compiled) == 0, f"{where}: registers spill to local memory"
     return count
 
 
 def test_aot_compile_every_config():
+    from triton.compiler import ASTSource
+
+    if "constexprs" not in ASTSource.__init__.__code__.co_varnames:
+        pytest.skip(f"triton {triton.__version__} predates triton.compile's constexprs argument")
     from xmorpher_kernels import _triton
 
     if not _triton.kernels_interpreted():

@@ -26,8 +26,8 @@ try:
     import triton
 
     _version = tuple(int(part) for part in triton.__version__.split(".")[:2])
-    if _version < (3, 0):
-        raise ImportError(f"Triton >= 3.0 is needed, found {triton.__version__}")
+    if _version < (3, 6):  # constexpr functions and tuple arguments of the kernels
+        raise ImportError(f"Triton >= 3.6 is needed, found {triton.__version__}")
     HAS_TRITON = True
     TRITON_IMPORT_ERROR: Optional[str] = None
 except ImportError as error:
