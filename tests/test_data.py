@@ -229,3 +229,111 @@ def test_intensity_augmentation_changes_appearance_but_stays_in_unit_range():
     assert torch.equal(plain["labels"], augmented["labels"])  # appearance only, same anatomy
     assert 0 <= augmented["image"].min() and augmented["image"].max() <= 1
     assert (plain["image"] - augmented["image"]).abs().mean() > 0.01
+
+
+def test_neuromorphometrics_label_set_is_a_second_independent_labelling():
+    template = load_brain_template(SPACING, "neuromorphometrics")
+    names = template.label_names
+    assert len(names) - 1 == 133  # of the atlas's 136 structures, 3 vanish at 4 mm
+    assert template.labels.shape == (40, 48, 40) and set(np.unique(template.labels)) == set(range(len(names)))
+    # the same orientation as the template (the atlas file is LAS, the template RAS)
+    x_mm = template.affine[0, 0] * np.arange(40) + template.affine[0, 3]
+    left, right = template.labels == names.index("Left_Hippocampus"), template.labels == names.index("Right_Hippocampus")
+    assert x_mm[np.nonzero(left)[0]].mean() < -10 and x_mm[np.nonzero(right)[0]].mean() > 10
+    brain = template.t1 > 0.1
+    assert 2 * (brain & (template.labels > 0)).sum() / (brain.sum() + (template.labels > 0).sum()) > 0.85
+
+
+def test_cubic_bspline_weights_sum_to_one_and_reproduce_straight_lines():
+    from xmorpher.data.synth import cubic_bspline_matrix
+
+    for size, spacing in ((40, 8.0), (17, 3.3), (5, 10.0)):
+        weights = cubic_bspline_matrix(size, spacing)
+        assert np.allclose(weights.sum(1), 1) and (weights >= 0).all()
+        assert ((weights > 0).sum(1) <= 4).all()
+        # control points at (k - 1) * spacing reproduce x exactly: uniform cubic B-splines are linear-exact
+        knots = (np.arange(weights.shape[1]) - 1) * spacing
+        assert np.allclose(weights @ knots, np.arange(size))
+
+
+def test_free_form_deformations_have_the_requested_size_and_do_not_fold(seed):
+    from xmorpher.data.datasets import GENERALIZATION_BINS_MM
+    from xmorpher.data.synth import FreeFormParams, random_free_form_deformation
+
+    brain = load_brain_template(SPACING).t1 > 0.1
+    largest = GENERALIZATION_BINS_MM[-1][1]
+    rng = np.random.default_rng(seed)
+    for size in (0.25, largest):
+        displacement = random_free_form_deformation(rng, (40, 48, 40), SPACING, FreeFormParams(), size, brain)
+        assert float(displacement.norm(dim=0)[torch.from_numpy(brain)].mean()) * SPACING == pytest.approx(size, rel=1e-4)
+        assert jacobian_determinant(displacement[None]).min() > 0, "the generalization deformations must not fold"
+
+
+def test_generalization_pairs_are_binned_by_size_and_their_labels_follow_the_deformation():
+    from xmorpher.data.datasets import GENERALIZATION_BINS_MM, GeneralizationPairs
+    from xmorpher.data.synth import compose_displacements
+
+    pairs = GeneralizationPairs(1, spacing_mm=SPACING)
+    assert len(pairs) == len(GENERALIZATION_BINS_MM)
+    identity_dice, recovered_dice = [], []
+    for index in range(len(pairs)):
+        item = pairs[index]
+        low, high = GENERALIZATION_BINS_MM[item["bin"]]
+        assert item["bin"] == index and low <= item["deformation_mm"] <= high
+        assert item["moving"].shape == item["fixed"].shape == (1, 40, 48, 40)
+        assert 0 <= item["moving"].min() and item["moving"].max() <= 1
+        # labels at half the image's voxel size, from the two label sets
+        assert item["fixed_labels"].shape == item["moving_labels_aseg"].shape == (1, 80, 96, 80)
+        assert int(item["fixed_labels"].max()) < 137 and int(item["fixed_labels_aseg"].max()) < 30
+        moving, fixed = item["moving_labels_aseg"].long(), item["fixed_labels_aseg"].long()
+        identity_dice.append(float(dice_per_label(moving, fixed).nanmean()))
+        # moving = fixed o (id + psi): the true flow (psi's inverse), taken to the label grid, aligns
+        # the labels again up to nearest-neighbour rounding; composed with psi it is the identity
+        _, psi, _ = pairs.displacements(index)
+        true_flow = pairs.true_flow(index)
+        assert compose_displacements(psi, true_flow[0]).abs().max() < 0.01
+        recovered = warp_labels(moving[None], pairs.to_label_grid(true_flow))[0]
+        recovered_dice.append(float(dice_per_label(recovered, fixed).nanmean()))
+    assert identity_dice == sorted(identity_dice, reverse=True), "larger deformations must misalign more"
+    assert identity_dice[0] > 0.85 and identity_dice[-1] < 0.75
+    assert all(r >= i for r, i in zip(recovered_dice, identity_dice)) and min(recovered_dice) > 0.8
+    assert torch.equal(item["moving"], pairs[len(pairs) - 1]["moving"])  # a pure function of the index
+
+
+def test_flows_reach_the_label_grid_as_the_same_displacement_in_millimetres():
+    from xmorpher.data.datasets import GeneralizationPairs
+
+    pairs = GeneralizationPairs(1, spacing_mm=SPACING)
+    shift = torch.zeros(1, 3, 40, 48, 40)
+    shift[:, 1] = 0.75  # 3 mm along the second axis
+    fine = pairs.to_label_grid(shift)
+    assert fine.shape == (1, 3, 80, 96, 80)
+    assert torch.allclose(fine[:, 1], torch.full_like(fine[:, 1], 1.5)) and fine[:, [0, 2]].abs().max() == 0
+    ramp = torch.arange(40, dtype=torch.float32)[None, :, None, None].expand(1, 40, 48, 40) * 0.1
+    linear = torch.cat([ramp[:, None], torch.zeros(1, 2, 40, 48, 40)], 1)
+    # a displacement linear in x (0.1 image voxel per voxel) is sampled exactly between the borders
+    x_fine = (torch.arange(80, dtype=torch.float32) - 0.5) / 2  # label voxel centres in image voxels
+    expected = 0.1 * x_fine * 2  # image voxels -> label voxels
+    assert torch.allclose(pairs.to_label_grid(linear)[0, 0, 2:-2, 0, 0], expected[2:-2], atol=1e-5)
+
+
+def test_training_deformation_sizes_span_the_scale_range_and_the_default_draws_nothing():
+    shape, brain = (40, 48, 40), torch.from_numpy(load_brain_template(SPACING).t1 > 0.1)
+    plain = random_deformation(np.random.default_rng(7), shape, SPACING, DeformationParams())
+    same = random_deformation(np.random.default_rng(7), shape, SPACING, DeformationParams(scale_range=(1.0, 1.0)))
+    assert torch.equal(plain, same)  # (1, 1) draws no factor: subjects of earlier versions are kept
+    spread = DeformationParams(scale_range=(0.05, 2.0))
+    sizes = [float(random_deformation(np.random.default_rng(i), shape, SPACING, spread).norm(dim=0)[brain].mean()) for i in range(12)]
+    default_size = float(plain.norm(dim=0)[brain].mean())
+    assert min(sizes) < 0.2 * default_size and max(sizes) > 1.2 * default_size
+    with pytest.raises(ValueError, match="scale_range"):
+        random_deformation(np.random.default_rng(0), shape, SPACING, DeformationParams(scale_range=(0.0, 1.0)))
+
+
+def test_subject_cache_is_bounded_and_returns_the_same_subjects():
+    cached = BrainPairs("train", 5, spacing_mm=SPACING)
+    tiny = BrainPairs("train", 5, spacing_mm=SPACING, cache_mb=2)  # room for two 4 mm subjects
+    for index in (0, 1, 2, 3, 0, 4, 1):
+        assert torch.equal(cached.subject(index)["image"], tiny.subject(index)["image"])
+        assert len(tiny._cache) <= 2
+    assert cached.subject(2) is cached.subject(2)

@@ -1,0 +1,92 @@
+"""The registration study end to end with --quick (tiny brains, tiny networks, a few steps): every
+variant trains over its seeds, checkpoints stay, the comparison is written (summary.json, table.md,
+figures), parameter counts are matched, and a second start reuses the finished runs."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+import xmorpher
+
+for package in ("scipy", "matplotlib", "nibabel", "tqdm"):
+    pytest.importorskip(package)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "registration_study.py")
+# the subprocess imports the very xmorpher these tests imported (installed, or a source tree on PYTHONPATH)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1",
+       "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(xmorpher.__file__))) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+VARIANTS = ("xmorpher", "xmorpher-nocross", "voxelmorph", "xmorpher-diffeomorphic", "xmorpher-search4", "xmorpher-search8")
+
+
+def study(out: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, SCRIPT, "--quick", "--out", out], capture_output=True, text=True, env=ENV,
+                            cwd=tempfile.gettempdir(), timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("study") / "quick")
+    return out, study(out)
+
+
+def test_every_variant_trains_over_its_seeds_and_keeps_its_checkpoints(quick_study):
+    out, _ = quick_study
+    summary = json.loads(open(os.path.join(out, "summary.json")).read())
+    assert tuple(summary["variants"]) == VARIANTS
+    for label, row in summary["variants"].items():
+        assert row["seeds"] == ([0, 1] if "search" not in label else [0])
+        for seed in row["seeds"]:
+            folder = os.path.join(out, "runs", label, f"seed{seed}")
+            assert {"best.pt", "last.pt", "log.csv", "config.toml", "run.json"} <= set(os.listdir(folder))
+        assert len(row["pair_dice"]) == summary["test_pairs"] == 4
+        assert 0 < row["test"]["dice"]["mean"] < 1 and row["seconds_per_pair"]["mean"] > 0
+        assert set(row["dice_per_structure"]) == set(summary["identity"]["dice_per_structure"])
+
+
+def test_networks_are_matched_in_parameters_and_the_ablations_differ_as_asked(quick_study):
+    out, _ = quick_study
+    variants = json.loads(open(os.path.join(out, "summary.json")).read())["variants"]
+    reference = variants["xmorpher"]["parameters"]
+    for label in ("xmorpher-nocross", "voxelmorph"):
+        assert abs(variants[label]["parameters"] - reference) / reference < 0.1, label
+    assert variants["xmorpher-diffeomorphic"]["options"]["diffeomorphic"] is True
+    assert [variants[f"xmorpher-search{s}"]["options"]["search_size"] for s in (4, 8)] == [4, 8]
+    assert variants["xmorpher-search4"]["forward_gflops"] < variants["xmorpher"]["forward_gflops"] < variants["xmorpher-search8"]["forward_gflops"]
+
+
+def test_the_comparison_has_its_statistics_and_generalization_bins(quick_study):
+    out, _ = quick_study
+    summary = json.loads(open(os.path.join(out, "summary.json")).read())
+    identity = summary["identity"]["test"]
+    assert identity["nonpositive_jacobian_percent"]["mean"] == 0 and identity["sd_log_jacobian"]["mean"] == 0
+    assert "xmorpher_versus_this" not in summary["variants"]["xmorpher"]
+    for label in VARIANTS[1:]:
+        test = summary["variants"][label]["xmorpher_versus_this"]
+        assert test["pairs"] == 4 and (test["p_value"] is None or 0 < test["p_value"] <= 1)
+    bins = len(summary["bins_mm"])
+    for label_set in ("neuromorphometrics", "aseg"):
+        assert all(change >= 0 for change in summary["true_deformation"]["generalization"][label_set])
+        for row in summary["variants"].values():
+            assert [b["bin"] for b in row["generalization"][label_set]] == list(range(bins))
+    table = open(os.path.join(out, "table.md")).read()
+    assert all(f"| {label} |" in table for label in ("identity", *VARIANTS))
+    assert "true deformation" in table and "Machine:" in table
+    for figure in ("validation_dice", "dice_per_structure", "same_pair", "generalization"):
+        assert os.path.getsize(os.path.join(out, "figures", f"{figure}.png")) > 10_000
+
+
+def test_a_second_start_reuses_the_finished_runs(quick_study):
+    out, _ = quick_study
+    checkpoint = os.path.join(out, "runs", "xmorpher", "seed0", "best.pt")
+    before = os.path.getmtime(checkpoint)
+    again = study(out)
+    assert os.path.getmtime(checkpoint) == before
+    log = again.stdout + again.stderr
+    assert log.count("trained earlier") == 10 and " min, best val Dice" not in log
