@@ -21,6 +21,10 @@ void set_isa(const std::string& name);
 std::vector<std::string> supported_isas();
 }  // namespace cpu
 
+// csrc/brick_python.cpp: the CUDA kernel generation switch, the brick kernels' CPU emulator and
+// layout tables.
+void register_brick_bindings(pybind11::module& m);
+
 bool compiled_with_cuda() {
 #if defined(XK_WITH_CUDA)
   return true;
@@ -50,4 +54,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported_cpu_isas", &xmorpher_kernels::cpu::supported_isas,
         "Instruction sets this CPU and build can run.");
   m.def("compiled_with_cuda", &xmorpher_kernels::compiled_with_cuda, "Whether the CUDA kernels were built.");
+  xmorpher_kernels::register_brick_bindings(m);
 }
