@@ -9,8 +9,9 @@ Each kernel's time is predicted as
 
 with the instructions and exponentials counted in the built extension's SASS: the hot loop's
 instructions on its main path (``xmorpher_kernels._sass``) and its MUFU.EX2 x 32 lanes, times its
-iterations; for the brick kernels also the staging loop (cp.async) times its iterations and the
-rest of the kernel once per warp. Printed next to every measured GPU figure
+iterations; for the brick kernels also, per warp of every block, the path from the entry to the
+hot loop, the staging (cp.async) and table loops times their trips, and the code after the hot
+loop once. Printed next to every measured GPU figure
 (benchmarks/gpu_report.py), it is calibrated by each lent GPU. Not modelled: latency (occupancy,
 dependent chains), L2 traffic, bank conflicts, the classic backward's global atomics, and tail
 effects of the last wave.
@@ -79,10 +80,13 @@ class KernelCost:
 
 @dataclass
 class LoopCounts:
-    instructions: int  # per iteration, on the main path
+    instructions: int  # per iteration of the hot loop (one unit: a window, a key block or a tile)
     exponentials: int  # MUFU.EX2 per iteration (warp instructions)
-    rest: int = 0  # the kernel's other instructions, counted once per warp
-    staging: int = 0  # the cp.async loop's instructions per iteration (brick kernels)
+    prologue: int = 0  # brick kernels, per warp: entry to the hot loop, each loop once
+    staging_inner: int = 0  # the cp.async loop's instructions per iteration
+    staging_outer: int = 0  # its enclosing loop's, per iteration, the inner loop's once included
+    table: int = 0  # the loop building the fragment-order tables (stores of 4 floats), per iteration
+    epilogue: int = 0  # every instruction after the hot loop, once (an upper bound)
 
 
 def _kernel_counts(arch: str) -> Dict[Tuple[str, str, int], LoopCounts]:
@@ -102,15 +106,22 @@ def _kernel_counts(arch: str) -> Dict[Tuple[str, str, int], LoopCounts]:
         hot = _sass.hot_loop(kernel)
         if hot is None:
             continue
-        staging = _sass.hot_loop(kernel, "LDGSTS")
-        in_loops = hot.latch - hot.head + (staging.latch - staging.head if staging else 0)
+        c = LoopCounts(hot.instructions, sum(1 for i in hot.path if i.opcode.startswith("MUFU.EX2")))
+        if match.group(1).startswith("brick"):
+            before = [i.address for i in kernel.instructions if i.address < hot.head]
+            c.prologue = _sass.path_to(kernel, before[-1]).instructions if before else 0
+            c.epilogue = sum(1 for i in kernel.instructions if i.address > hot.latch)
+            staging = _sass.hot_loop(kernel, "LDGSTS")
+            if staging is not None:
+                c.staging_inner = staging.instructions
+                outer = _sass.enclosing_loop(kernel, (staging.head, staging.latch))
+                outer_cost = _sass.loop_cost(kernel, outer, "LDGSTS") if outer else None
+                c.staging_outer = outer_cost.instructions if outer_cost else staging.instructions
+            table = _sass.hot_loop(kernel, "STS")
+            if table is not None and table.latch < hot.head:
+                c.table = table.instructions
         dtype = "fp16" if match.group(2) == "6__half" else "bf16"
-        counts[(match.group(1), dtype, int(match.group(3)))] = LoopCounts(
-            instructions=hot.instructions,
-            exponentials=sum(1 for i in hot.path if i.opcode.startswith("MUFU.EX2")),
-            rest=max(0, len(kernel.instructions) - in_loops // 16),
-            staging=staging.instructions if staging else 0,
-        )
+        counts[(match.group(1), dtype, int(match.group(3)))] = c
     return counts
 
 
@@ -143,13 +154,16 @@ def _brick_kernel(name: str, kind: str, shape, counts: LoopCounts, bytes_moved: 
                                  batch_heads=batch * heads)
     warps = plan["warps"]
     halo_z, halo_y, halo_x = plan["halo"]
-    lines_per_warp = math.ceil(halo_z * halo_y / warps)
-    staging = counts.staging * lines_per_warp * math.ceil(halo_x * plan["chunks"] / 32)
-    per_block = warps * (counts.rest + staging)
+    lines = math.ceil(halo_z * halo_y / warps)  # staging: halo lines per warp, 32 chunks per step
+    steps = math.ceil(halo_x * plan["chunks"] / 32)
+    staging_extra = lines * (counts.staging_outer - counts.staging_inner) + lines * steps * counts.staging_inner
+    staging_extra -= counts.staging_outer  # the prologue path went through both loops once
+    table_extra = (math.ceil(14 * 32 / (warps * 32)) - 1) * counts.table
+    per_warp = counts.prologue + max(0, staging_extra) + table_extra + counts.epilogue
     units = _units(shape)
     return KernelCost(
         name,
-        instructions=units * counts.instructions + plan["blocks"] * per_block,
+        instructions=units * counts.instructions + plan["blocks"] * warps * per_warp,
         exponentials=units * counts.exponentials * 32,
         bytes=bytes_moved,
     )

@@ -159,23 +159,6 @@ void register_brick_bindings(py::module& m) {
       "The key-code bits of a window's box positions outside the volume.");
   m.def("brick_chunk_offset", &brick::chunk_offset, py::arg("row"), py::arg("chunk"), py::arg("chunks"),
         "Byte offset of a 16-byte chunk of a staged row after the swizzle.");
-  m.def(
-      "brick_bias_entry_keys",
-      [](std::vector<int64_t> volume, std::vector<int64_t> window, std::vector<int64_t> search) {
-        const WindowGeometry g = geometry_of(volume, window, search);
-        const brick::BoxGeometry b = brick::box_geometry(g, brick::BoxKind::kKeysOfWindow);
-        std::vector<std::vector<int64_t>> table;
-        for (int ez = 0; ez < bias_extent(g, 0); ++ez)
-          for (int ey = 0; ey < bias_extent(g, 1); ++ey)
-            for (int ex = 0; ex < bias_extent(g, 2); ++ex) {
-              const int entry[3] = {ez, ey, ex};
-              std::vector<int64_t> row;
-              for (int n = 0; n < brick::kMaxSlots; ++n) row.push_back(brick::bias_entry_key(b, entry, n));
-              table.push_back(row);
-            }
-        return table;
-      },
-      "For every bias entry and window slot, the box key the query pass's reduction reads (or -1).");
   m.def("brick_fragment_position", &brick::fragment_position, py::arg("m"), py::arg("n"),
         "Position of the pair (box token m, slot n) in a fragment-order table.");
   m.def(

@@ -118,7 +118,7 @@ def parse_sass(text: str) -> Dict[str, Kernel]:
 class LoopCost:
     head: int  # address of the loop's first instruction
     latch: int  # address of its backward branch
-    hmma: int  # HMMAs on the counted path
+    hmma: int  # HMMAs (or the opcode the path was chosen by) on the counted path
     instructions: int  # instructions on the counted path, the branch included
     opcodes: Dict[str, int]  # base opcode -> count on the counted path
     path: List[Instruction] = field(default_factory=list, repr=False)  # the counted instructions
@@ -129,6 +129,25 @@ class LoopCost:
             f"loop 0x{self.head:x}..0x{self.latch:x}: {self.instructions} instructions, {self.hmma} HMMA "
             f"on its main path ({top})"
         )
+
+
+def path_to(kernel: Kernel, end: int) -> Optional[LoopCost]:
+    """The fewest-instruction path from the kernel's entry to the instruction at `end` (inner
+    loops' bodies counted once), as a LoopCost from the entry."""
+    body = [i for i in kernel.instructions if i.address <= end]
+    return _main_path(body, body[0].address, end) if body else None
+
+
+def enclosing_loop(kernel: Kernel, inner: Tuple[int, int]) -> Optional[Tuple[int, int]]:
+    """The smallest loop of the kernel strictly containing the loop `inner` (head, latch)."""
+    outer = [(h, l) for h, l in loops(kernel) if h <= inner[0] and l >= inner[1] and (h, l) != tuple(inner)]
+    return min(outer, key=lambda hl: hl[1] - hl[0]) if outer else None
+
+
+def loop_cost(kernel: Kernel, loop: Tuple[int, int], opcode: str = "HMMA") -> Optional[LoopCost]:
+    """The cost of one iteration of `loop` (head, latch) on its path with the most `opcode`."""
+    body = [i for i in kernel.instructions if loop[0] <= i.address <= loop[1]]
+    return _main_path(body, loop[0], loop[1], opcode)
 
 
 def loops(kernel: Kernel) -> List[Tuple[int, int]]:
@@ -143,15 +162,15 @@ def loops(kernel: Kernel) -> List[Tuple[int, int]]:
 
 def hot_loop(kernel: Kernel, opcode: str = "HMMA") -> Optional[LoopCost]:
     """The cost of the kernel's innermost loop holding the most `opcode` instructions (HMMA: the
-    hot loop, see the module docstring), counted on its path with the most HMMAs and then the
-    fewest instructions; None without such a loop."""
+    hot loop, see the module docstring), counted on its path with the most `opcode` instructions
+    and then the fewest instructions; None without such a loop."""
     best: Optional[Tuple[int, int, LoopCost]] = None
     for head, latch in loops(kernel):
         body = [i for i in kernel.instructions if head <= i.address <= latch]
         held = sum(1 for i in body if i.base == opcode)
         if held == 0:
             continue
-        cost = _main_path(body, head, latch)
+        cost = _main_path(body, head, latch, opcode)
         if cost is None:
             continue
         rank = (held, -(latch - head))
@@ -160,8 +179,9 @@ def hot_loop(kernel: Kernel, opcode: str = "HMMA") -> Optional[LoopCost]:
     return best[2] if best else None
 
 
-def _main_path(body: Sequence[Instruction], head: int, latch: int) -> Optional[LoopCost]:
-    """Longest-HMMA, then shortest, path from `head` to the branch at `latch` through `body`.
+def _main_path(body: Sequence[Instruction], head: int, latch: int, opcode: str = "HMMA") -> Optional[LoopCost]:
+    """The path from `head` to the instruction at `latch` through `body` with the most `opcode`
+    instructions, then the fewest instructions (LoopCost.hmma counts `opcode`).
 
     Forward edges only (an inner loop's body counts once); edges leaving the range end a path
     that does not reach the latch."""
@@ -197,7 +217,7 @@ def _main_path(body: Sequence[Instruction], head: int, latch: int) -> Optional[L
         falls_through = True
         for n in range(start, end):
             i = body[n]
-            hmma += i.base == "HMMA"
+            hmma += i.base == opcode
             neg_count -= 1
             opcodes[i.base] = opcodes.get(i.base, 0) + 1
             path.append(i)

@@ -84,10 +84,10 @@ struct Gradients {
   at::Tensor query, key, value, rel_pos_bias, pad_key, pad_value;  // empty tensors for absent inputs
 };
 
-// Shared memory the query pass's final reduction needs (the warps' fragment-order bias sums and pad
-// sums, from offset 0, once the staged rows and tables are done with).
-inline int64_t query_pass_reduction_bytes(const BrickPlan& plan, int64_t head_dim) {
-  return static_cast<int64_t>(plan.warps) * (kTiles * kLanes * 16 + 2 * head_dim * 4);
+// Shared memory the query pass's final reduction needs (the warps' fragment-order bias sums, their
+// pad sums and the bias entries' sums, from offset 0, once the staged rows and tables are done with).
+inline int64_t query_pass_reduction_bytes(const BrickPlan& plan, int64_t head_dim, int64_t bias_entries) {
+  return static_cast<int64_t>(plan.warps) * (kTiles * kLanes * 16 + 2 * head_dim * 4) + 4 * bias_entries;
 }
 
 // Backward from grad_out (last dim contiguous), out and lse (contiguous); nullopt, computing
@@ -107,7 +107,7 @@ std::optional<Gradients> backward(Runner& runner, const OpInputs& in, double sca
   const int bias_entries = with_bias ? static_cast<int>(in.rel_pos_bias.numel() / heads) : 0;
   const int partial_stride = bias_entries + (with_pad ? 2 * static_cast<int>(head_dim) : 0);
   if (partial_stride > 0) {  // the final reduction reuses the block's shared memory, all of it if need be
-    const int64_t bytes = query_pass_reduction_bytes(query_plan, head_dim);
+    const int64_t bytes = query_pass_reduction_bytes(query_plan, head_dim, bias_entries);
     if (bytes > runner.smem_limit()) return std::nullopt;
     if (bytes > query_plan.bytes) query_plan.bytes = static_cast<uint32_t>(bytes);
   }

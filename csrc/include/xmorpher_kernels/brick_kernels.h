@@ -85,42 +85,53 @@ XK_DEVICE int64_t volume_voxels(const BrickPlan& plan) {
 }
 
 // Stages the halo of a brick, two tensors of (B, D, H, W, heads, HD) at once (key and value, or
-// query and grad_out), by cp.async: halo lines (z, y) by warp, (x, chunk) by lane, no integer
-// division. Tokens outside the volume take the pad rows (constant padding) or zeros.
+// query and grad_out), by cp.async of 16-byte chunks: the block's threads walk the halo's tokens
+// in order (line (z, y), then x), one token (all its chunks, both tensors) per thread and step,
+// stepping by the block size without integer divisions. Tokens outside the volume take the pad
+// rows (constant padding) or zeros.
 template <typename T, int HD>
 XK_DEVICE void stage_rows(const BrickPlan& plan, uint32_t window, const T* a, const TokenStrides& as, const T* b,
                           const TokenStrides& bs, const T* pad_a, const T* pad_b, int64_t batch, int64_t head,
                           const int (&start)[3], int tid, int threads) {
   constexpr int kChunks = HD / 8;
-  constexpr int kChunkShift = kChunks == 2 ? 1 : kChunks == 4 ? 2 : kChunks == 8 ? 3 : 4;
-  static_assert((1 << kChunkShift) == kChunks, "head_dim must be 16, 32, 64 or 128");
   const Axis* axis = plan.box.axis;
-  const int lane = tid & 31, warps = threads >> 5;
-  int lz = 0, ly = tid >> 5;
-  while (ly >= plan.halo[1]) {
-    ly -= plan.halo[1];
+  const int halo_x = plan.halo[2], halo_y = plan.halo[1], halo_z = plan.halo[0];
+  const int step_lines = threads / halo_x, step_x = threads - step_lines * halo_x;
+  int dx = tid % halo_x, ly = tid / halo_x, lz = 0;
+  while (ly >= halo_y) {
+    ly -= halo_y;
     ++lz;
   }
-  const int line_units = plan.halo[2] * kChunks;
-  while (lz < plan.halo[0]) {
-    const int z = start[0] + lz, y = start[1] + ly;
-    const bool line_inside = z >= 0 && z < axis[0].volume && y >= 0 && y < axis[1].volume;
-    const int line_row = lz * plan.stride_z + ly * plan.stride_y;
-    const T* a_line = line_inside ? a + as.offset(batch, z, y, 0, head) : a;
-    const T* b_line = line_inside ? b + bs.offset(batch, z, y, 0, head) : b;
-    for (int u = lane; u < line_units; u += 32) {
-      const int dx = u >> kChunkShift, chunk = u & (kChunks - 1);
-      const int x = start[2] + dx;
-      const bool inside = line_inside && x >= 0 && x < axis[2].volume;
-      const uint32_t dst = chunk_offset(line_row + dx, chunk, kChunks);
-      const T* src_a = inside ? a_line + x * as.width + chunk * 8 : pad_a != nullptr ? pad_a + head * HD + chunk * 8 : a;
-      const T* src_b = inside ? b_line + x * bs.width + chunk * 8 : pad_b != nullptr ? pad_b + head * HD + chunk * 8 : b;
-      ops::cp_async_16(window + plan.a_offset + dst, src_a, inside || pad_a != nullptr);
-      ops::cp_async_16(window + plan.b_offset + dst, src_b, inside || pad_b != nullptr);
+  const T* a_head = a + batch * as.batch + head * as.head;
+  const T* b_head = b + batch * bs.batch + head * bs.head;
+  const bool pad = pad_a != nullptr;
+  const T* pad_a_row = pad ? pad_a + head * HD : a;
+  const T* pad_b_row = pad ? pad_b + head * HD : b;
+  const unsigned volume[3] = {static_cast<unsigned>(axis[0].volume), static_cast<unsigned>(axis[1].volume),
+                              static_cast<unsigned>(axis[2].volume)};
+  const uint32_t a_region = window + plan.a_offset, b_region = window + plan.b_offset;
+  while (lz < halo_z) {
+    const int z = start[0] + lz, y = start[1] + ly, x = start[2] + dx;
+    const bool inside = static_cast<unsigned>(z) < volume[0] && static_cast<unsigned>(y) < volume[1] &&
+                        static_cast<unsigned>(x) < volume[2];
+    const int row = lz * plan.stride_z + ly * plan.stride_y + dx;
+    const T* src_a = inside ? a_head + z * as.depth + y * as.height + x * as.width : pad_a_row;
+    const T* src_b = inside ? b_head + z * bs.depth + y * bs.height + x * bs.width : pad_b_row;
+XK_UNROLL
+    for (int chunk = 0; chunk < kChunks; ++chunk) {
+      const uint32_t dst = chunk_offset(row, chunk, kChunks);
+      ops::cp_async_16(a_region + dst, src_a + chunk * 8, inside || pad);
+      ops::cp_async_16(b_region + dst, src_b + chunk * 8, inside || pad);
     }
-    ly += warps;
-    while (ly >= plan.halo[1]) {
-      ly -= plan.halo[1];
+    dx += step_x;
+    int lines = step_lines;
+    if (dx >= halo_x) {
+      dx -= halo_x;
+      ++lines;
+    }
+    ly += lines;
+    while (ly >= halo_y) {
+      ly -= halo_y;
       ++lz;
     }
   }
@@ -550,14 +561,17 @@ XK_UNROLL
   }
 
   if (outs.partial_stride == 0) return;  // block-uniform
-  // The warps' sums into one row of partials, in a fixed order. The staged rows are done with:
-  // the warps' fragment tables and pad sums take their place.
+  // The warps' sums into one row of partials, in a fixed order, in the shared memory the staged
+  // rows no longer need: the warps' fragment-order tables, summed over warps; then, one slot n at a
+  // time (for a fixed slot, distinct keys have distinct bias entries: no two threads add to one
+  // entry), each pair's sum added to its bias entry; the pad sums likewise over warps.
   ops::sync_block();
-  const uint32_t warp_table = kTiles * kLanes * 16;
-  const uint32_t pad_base = static_cast<uint32_t>(plan.warps) * warp_table;
+  constexpr uint32_t kWarpTable = kTiles * kLanes * 16;
+  const uint32_t pad_base = static_cast<uint32_t>(plan.warps) * kWarpTable;
+  const uint32_t entry_base = pad_base + static_cast<uint32_t>(plan.warps) * 2 * HD * 4;
 XK_UNROLL
   for (int tile = 0; tile < kTiles; ++tile)
-    ops::st_shared_f4(smem, warp * warp_table + (tile * kLanes + lane) * 16,
+    ops::st_shared_f4(smem, warp * kWarpTable + tile * kTableTile + lane * 16,
                       F4{bias_acc[tile][0], bias_acc[tile][1], bias_acc[tile][2], bias_acc[tile][3]});
   if (quad == 0) {
 XK_UNROLL
@@ -566,20 +580,29 @@ XK_UNROLL
       ops::st_shared_f32(smem, pad_base + ((warp * 2 + 1) * HD + nt * 8 + group) * 4, pad_value_acc[nt]);
     }
   }
+  for (int e = tid; e < outs.bias_entries; e += threads) ops::st_shared_f32(smem, entry_base + e * 4, 0.f);
   ops::sync_block();
-  const WindowGeometry& g = p.geometry;
-  const int extent_y = static_cast<int>(bias_extent(g, 1)), extent_x = static_cast<int>(bias_extent(g, 2));
+  for (int i = tid; i < kTiles * kLanes * 4; i += threads) {  // the warps' tables summed into warp 0's
+    float total = 0.f;
+    for (int w = 0; w < plan.warps; ++w) total += ops::ld_shared_f32(smem, w * kWarpTable + i * 4);
+    ops::st_shared_f32(smem, i * 4, total);
+  }
+  if (outs.bias_entries > 0) {
+    for (int n = 0; n < plan.box.slots; ++n) {
+      ops::sync_block();
+      for (int m = tid; m < plan.box.box; m += threads) {
+        const uint32_t entry = entry_base + (plan.token_part[m] + plan.slot_part[n]) * 4;
+        ops::st_shared_f32(smem, entry,
+                           ops::ld_shared_f32(smem, entry) + ops::ld_shared_f32(smem, fragment_position(m, n) * 4));
+      }
+    }
+  }
+  ops::sync_block();
   float* partial_row = outs.partials + ops::block_index() * outs.partial_stride;
   for (int e = tid; e < outs.partial_stride; e += threads) {
     float total = 0.f;
     if (e < outs.bias_entries) {
-      const int entry[3] = {e / (extent_y * extent_x), (e / extent_x) % extent_y, e % extent_x};
-      for (int w = 0; w < plan.warps; ++w) {
-        for (int n = 0; n < plan.box.slots; ++n) {
-          const int m = bias_entry_key(plan.box, entry, n);
-          if (m >= 0) total += ops::ld_shared_f32(smem, w * warp_table + fragment_position(m, n) * 4);
-        }
-      }
+      total = ops::ld_shared_f32(smem, entry_base + e * 4);
     } else {
       const int k = e - outs.bias_entries;  // pad_key dims, then pad_value dims
       for (int w = 0; w < plan.warps; ++w) total += ops::ld_shared_f32(smem, pad_base + (w * 2 * HD + k) * 4);

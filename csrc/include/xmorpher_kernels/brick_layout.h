@@ -237,20 +237,6 @@ XK_HOST_DEVICE int fragment_position(int m, int n) {
   return ((m / kTileRows) * kLanes + lane) * 4 + element;
 }
 
-// Forward / query pass: the box key that slot n pairs with under bias entry (ez, ey, ex), or -1.
-// bias_axis_index(key, query) = key - query + w - 1, inverted per axis.
-XK_HOST_DEVICE int bias_entry_key(const BoxGeometry& b, const int (&entry)[3], int n) {
-  if (n >= b.slots) return -1;
-  const Coords s = slot_coords(b, n);
-  const int sc[3] = {s.z, s.y, s.x};
-  int key[3];
-  for (int i = 0; i < 3; ++i) {
-    key[i] = entry[i] + sc[i] - (b.axis[i].window - 1);
-    if (key[i] < 0 || key[i] >= b.axis[i].search) return -1;
-  }
-  return (key[0] * b.axis[1].search + key[1]) * b.axis[2].search + key[2];
-}
-
 // ---------------------------------------------------------------------------------------------
 // The plan of one launch: brick, halo, shared-memory carve-up and the per-box-token tables.
 // Host-built, passed to the kernels by value (about 2 KiB of parameters).
