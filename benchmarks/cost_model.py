@@ -4,17 +4,22 @@ Each kernel's time is predicted as
 
     max(instructions / (schedulers x SMs x clock),        issue
         exponentials / (16 x SMs x clock),                the exponential unit (MUFU.EX2)
-        bytes / bandwidth)                                device memory, each tensor once
+        wavefronts / (SMs x clock),                       the shared-memory pipe (LDS, LDSM, SHFL...)
+        bytes / bandwidth,                                device memory, each tensor once
+        staged bytes / L2 bandwidth)                      L2 to shared memory (key/value boxes)
     + launches x launch overhead
 
-with the instructions and exponentials counted in the built extension's SASS: the hot loop's
-instructions on its main path (``xmorpher_kernels._sass``) and its MUFU.EX2 x 32 lanes, times its
-iterations; for the brick kernels also, per warp of every block, the path from the entry to the
+with the instructions, exponentials and shared-memory wavefronts counted in the built extension's
+SASS: the hot loop's instructions on its main path (``xmorpher_kernels._sass``), its MUFU.EX2 x 32
+lanes and its wavefronts (``_sass.shared_wavefronts``), times its iterations; for the brick kernels also, per warp of every block, the path from the entry to the
 hot loop, the staging (cp.async) and table loops times their trips, and the code after the hot
 loop once. Printed next to every measured GPU figure
 (benchmarks/gpu_report.py), it is calibrated by each lent GPU. Not modelled: latency (occupancy,
-dependent chains), L2 traffic, bank conflicts, the classic backward's global atomics, and tail
-effects of the last wave.
+dependent chains), bank conflicts, the classic backward's global atomics, and tail effects of the
+last wave. The L2 bandwidth is an assumption until a GPU measures it. On the H200 run of
+2026-11-25 the classic forward kernel took 211 us and its backward 682 us against 53 and 74 us
+predicted here: those kernels are latency-bound (one warp walks a window's 14 key tiles as a
+dependent chain), which this model does not see.
 
     predict(backend, shape, dtype, mode) -> milliseconds, or None where there is no model
       backend: "cuda" (the classic tensor-core kernels) or "brick"; shape (B, D, H, W, heads,
@@ -49,6 +54,7 @@ class Device:
     sms: int = 132
     clock_hz: float = 1.98e9
     bandwidth: float = 4.2e12  # bytes/s, measured copy bandwidth
+    l2_bandwidth: float = 8e12  # bytes/s from L2 into shared memory: an assumption
     schedulers: int = 4  # warp instructions issued per clock per SM
     exp_per_clock: int = 16  # MUFU.EX2 lanes per clock per SM
     launch_s: float = 4e-6
@@ -63,13 +69,17 @@ class KernelCost:
     instructions: float  # warp instructions
     exponentials: float  # lane exponentials
     bytes: float
+    wavefronts: float = 0.0  # passes through the shared-memory pipe
     launches: int = 1
+    staged_bytes: float = 0.0  # copied from L2 into shared memory
 
     def seconds(self, device: Device) -> Tuple[float, str]:
         terms = {
             "issue": self.instructions / (device.schedulers * device.sms * device.clock_hz),
             "exp": self.exponentials / (device.exp_per_clock * device.sms * device.clock_hz),
+            "shared": self.wavefronts / (device.sms * device.clock_hz),
             "memory": self.bytes / device.bandwidth,
+            "L2": self.staged_bytes / device.l2_bandwidth,
         }
         bound = max(terms, key=terms.get)
         return terms[bound] + self.launches * device.launch_s, bound
@@ -82,9 +92,10 @@ class KernelCost:
 class LoopCounts:
     instructions: int  # per iteration of the hot loop (one unit: a window, a key block or a tile)
     exponentials: int  # MUFU.EX2 per iteration (warp instructions)
+    wavefronts: int = 0  # shared-memory pipe passes per iteration
+    staging_wavefronts: int = 0  # per iteration of the staging loop
     prologue: int = 0  # brick kernels, per warp: entry to the hot loop, each loop once
-    staging_inner: int = 0  # the cp.async loop's instructions per iteration
-    staging_outer: int = 0  # its enclosing loop's, per iteration, the inner loop's once included
+    staging: int = 0  # the cp.async loop's instructions per iteration (one halo token per thread)
     table: int = 0  # the loop building the fragment-order tables (stores of 4 floats), per iteration
     epilogue: int = 0  # every instruction after the hot loop, once (an upper bound)
 
@@ -106,17 +117,14 @@ def _kernel_counts(arch: str) -> Dict[Tuple[str, str, int], LoopCounts]:
         hot = _sass.hot_loop(kernel)
         if hot is None:
             continue
-        c = LoopCounts(hot.instructions, sum(1 for i in hot.path if i.opcode.startswith("MUFU.EX2")))
+        c = LoopCounts(hot.instructions, sum(1 for i in hot.path if i.opcode.startswith("MUFU.EX2")), hot.wavefronts)
         if match.group(1).startswith("brick"):
             before = [i.address for i in kernel.instructions if i.address < hot.head]
             c.prologue = _sass.path_to(kernel, before[-1]).instructions if before else 0
             c.epilogue = sum(1 for i in kernel.instructions if i.address > hot.latch)
             staging = _sass.hot_loop(kernel, "LDGSTS")
-            if staging is not None:
-                c.staging_inner = staging.instructions
-                outer = _sass.enclosing_loop(kernel, (staging.head, staging.latch))
-                outer_cost = _sass.loop_cost(kernel, outer, "LDGSTS") if outer else None
-                c.staging_outer = outer_cost.instructions if outer_cost else staging.instructions
+            c.staging = staging.instructions if staging is not None else 0
+            c.staging_wavefronts = staging.wavefronts if staging is not None else 0
             table = _sass.hot_loop(kernel, "STS")
             if table is not None and table.latch < hot.head:
                 c.table = table.instructions
@@ -153,19 +161,19 @@ def _brick_kernel(name: str, kind: str, shape, counts: LoopCounts, bytes_moved: 
     plan = _native._C.brick_plan([depth, height, width], [WINDOW] * 3, [SEARCH] * 3, head_dim, kind,
                                  batch_heads=batch * heads)
     warps = plan["warps"]
-    halo_z, halo_y, halo_x = plan["halo"]
-    lines = math.ceil(halo_z * halo_y / warps)  # staging: halo lines per warp, 32 chunks per step
-    steps = math.ceil(halo_x * plan["chunks"] / 32)
-    staging_extra = lines * (counts.staging_outer - counts.staging_inner) + lines * steps * counts.staging_inner
-    staging_extra -= counts.staging_outer  # the prologue path went through both loops once
+    # The prologue path went through the staging and table loops once; they take more trips.
+    staging_trips = math.ceil(math.prod(plan["halo"]) / (warps * 32))
+    staging_extra = (staging_trips - 1) * counts.staging
     table_extra = (math.ceil(14 * 32 / (warps * 32)) - 1) * counts.table
-    per_warp = counts.prologue + max(0, staging_extra) + table_extra + counts.epilogue
+    per_warp = counts.prologue + staging_extra + table_extra + counts.epilogue
     units = _units(shape)
     return KernelCost(
         name,
         instructions=units * counts.instructions + plan["blocks"] * warps * per_warp,
         exponentials=units * counts.exponentials * 32,
         bytes=bytes_moved,
+        wavefronts=units * counts.wavefronts + plan["blocks"] * warps * staging_trips * counts.staging_wavefronts,
+        staged_bytes=plan["blocks"] * math.prod(plan["halo"]) * 2 * plan["row_bytes"],
     )
 
 
@@ -200,8 +208,12 @@ def classic_kernels(shape, dtype: str, mode: str, arch: str = "sm_90") -> Option
     forward = counts.get(("forward_mma_kernel", dtype, head_dim))
     if forward is None:
         return None
+    # A block stages the x-union of 8 neighbouring windows' key boxes (window_attention_cuda_mma.cu).
+    batch, depth, height, width, heads, _ = shape
+    blocks = batch * heads * -(-depth // WINDOW) * -(-height // WINDOW) * -(-(-(-width // WINDOW)) // 8)
+    staged = blocks * SEARCH * SEARCH * (WINDOW * 7 + SEARCH) * 2 * row
     kernels = [KernelCost("forward_mma", tiles * forward.instructions, tiles * forward.exponentials * 32,
-                          4 * tokens * row + 4 * tokens)]
+                          4 * tokens * row + 4 * tokens, tiles * forward.wavefronts, staged_bytes=staged)]
     if mode == "forward+backward":
         backward = counts.get(("backward_mma_kernel", dtype, head_dim))
         if backward is None:
@@ -209,7 +221,8 @@ def classic_kernels(shape, dtype: str, mode: str, arch: str = "sm_90") -> Option
         # dK/dV accumulated in fp32 (read-modify-write) and cast; about 20 small launches compute the
         # fixed-point unit of the bias sums, zero the accumulators and cast the results.
         kernels.append(KernelCost("backward_mma", tiles * backward.instructions, tiles * backward.exponentials * 32,
-                                  6 * tokens * row + 4 * tokens + 2 * 2 * tokens * head_dim * 4))
+                                  6 * tokens * row + 4 * tokens + 2 * 2 * tokens * head_dim * 4, tiles * backward.wavefronts,
+                                  staged_bytes=staged))
         kernels.append(KernelCost("small ops (fills, unit, casts)", 0, 0, 2 * tokens * head_dim * (4 + 2), launches=22))
     return kernels
 

@@ -62,6 +62,24 @@ class Kernel:
         return [i for i in self.instructions if regex.search(i.opcode)]
 
 
+_WIDTH = re.compile(r"\.(64|128)(\.|$)")
+
+
+def shared_wavefronts(instruction: Instruction) -> int:
+    """Passes through the shared-memory pipe (one 128-byte wavefront per clock per SM, no bank
+    conflicts assumed) an instruction takes: LDS/STS/LDGSTS by width (a warp's 16-byte accesses
+    move 512 bytes: 4), LDSM by matrices (.4: 4), SHFL and MOVM one crossbar pass; 0 otherwise."""
+    base = instruction.base
+    if base == "LDSM":
+        return int(instruction.opcode.rsplit(".", 1)[-1]) if instruction.opcode[-1].isdigit() else 1
+    if base in ("LDS", "STS", "LDGSTS", "ATOMS"):
+        match = _WIDTH.search(instruction.opcode)
+        return {"64": 2, "128": 4}[match.group(1)] if match else 1
+    if base in ("SHFL", "MOVM"):
+        return 1
+    return 0
+
+
 def find_cuobjdump() -> Optional[str]:
     """The CUDA toolkit's cuobjdump, or the copy triton's package carries."""
     candidates = [shutil.which("cuobjdump")]
@@ -123,6 +141,11 @@ class LoopCost:
     opcodes: Dict[str, int]  # base opcode -> count on the counted path
     path: List[Instruction] = field(default_factory=list, repr=False)  # the counted instructions
 
+    @property
+    def wavefronts(self) -> int:
+        """Shared-memory and crossbar passes of the counted path (shared_wavefronts)."""
+        return sum(shared_wavefronts(i) for i in self.path)
+
     def describe(self) -> str:
         top = ", ".join(f"{name} {n}" for name, n in sorted(self.opcodes.items(), key=lambda kv: -kv[1])[:12])
         return (
@@ -136,18 +159,6 @@ def path_to(kernel: Kernel, end: int) -> Optional[LoopCost]:
     loops' bodies counted once), as a LoopCost from the entry."""
     body = [i for i in kernel.instructions if i.address <= end]
     return _main_path(body, body[0].address, end) if body else None
-
-
-def enclosing_loop(kernel: Kernel, inner: Tuple[int, int]) -> Optional[Tuple[int, int]]:
-    """The smallest loop of the kernel strictly containing the loop `inner` (head, latch)."""
-    outer = [(h, l) for h, l in loops(kernel) if h <= inner[0] and l >= inner[1] and (h, l) != tuple(inner)]
-    return min(outer, key=lambda hl: hl[1] - hl[0]) if outer else None
-
-
-def loop_cost(kernel: Kernel, loop: Tuple[int, int], opcode: str = "HMMA") -> Optional[LoopCost]:
-    """The cost of one iteration of `loop` (head, latch) on its path with the most `opcode`."""
-    body = [i for i in kernel.instructions if loop[0] <= i.address <= loop[1]]
-    return _main_path(body, loop[0], loop[1], opcode)
 
 
 def loops(kernel: Kernel) -> List[Tuple[int, int]]:
