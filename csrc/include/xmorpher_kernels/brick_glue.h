@@ -12,8 +12,11 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <cmath>
 #include <initializer_list>
+#include <map>
+#include <mutex>
 #include <optional>
 
 #include "xmorpher_kernels/brick_kernels.h"
@@ -48,6 +51,22 @@ inline const char* call_not_covered(const OpInputs& in, double scale) {
   return nullptr;
 }
 
+// choose_plan() memoized: a plan takes thousands of operations to build (its per-token tables) and
+// a model calls the op with a handful of geometries.
+inline BrickPlan cached_plan(const WindowGeometry& g, BoxKind kind, int64_t head_dim, int64_t heads_batch,
+                             int64_t device_limit) {
+  using Key = std::array<int64_t, 13>;
+  static std::mutex mutex;
+  static std::map<Key, BrickPlan> plans;
+  const Key key{g.volume[0], g.volume[1], g.volume[2], g.window[0], g.window[1], g.window[2], g.search[0],
+                g.search[1], g.search[2], static_cast<int64_t>(kind), head_dim, heads_batch, device_limit};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = plans.find(key);
+  if (found != plans.end()) return found->second;
+  if (plans.size() >= 256) plans.clear();  // bounded; rebuilding is correct, only slower
+  return plans.emplace(key, choose_plan(g, kind, head_dim, heads_batch, kSmemBudget, device_limit)).first->second;
+}
+
 template <typename F>
 void dispatch_16_bit(at::ScalarType dtype, F&& f) {
   if (dtype == at::kHalf) {
@@ -65,8 +84,7 @@ template <class Runner>
 bool forward(Runner& runner, const OpInputs& in, double scale, at::Tensor& out, at::Tensor& lse) {
   if (call_not_covered(in, scale) != nullptr) return false;
   const int64_t batch_heads = in.query.size(0) * in.query.size(4);
-  const BrickPlan plan =
-      choose_plan(in.geometry, BoxKind::kKeysOfWindow, in.query.size(5), batch_heads, kSmemBudget, runner.smem_limit());
+  const BrickPlan plan = cached_plan(in.geometry, BoxKind::kKeysOfWindow, in.query.size(5), batch_heads, runner.smem_limit());
   if (!plan_fits(plan)) return false;
   const ScoreScale sc = score_scale(scale);
   dispatch_16_bit(in.query.scalar_type(), [&](auto tag) {
@@ -98,10 +116,9 @@ std::optional<Gradients> backward(Runner& runner, const OpInputs& in, double sca
   if (call_not_covered(in, scale) != nullptr || !rows_16_byte_aligned({&grad_out, &out})) return std::nullopt;
   const at::Tensor& query = in.query;
   const int64_t batch = query.size(0), heads = query.size(4), head_dim = query.size(5);
-  BrickPlan query_plan =
-      choose_plan(in.geometry, BoxKind::kKeysOfWindow, head_dim, batch * heads, kSmemBudget, runner.smem_limit());
+  BrickPlan query_plan = cached_plan(in.geometry, BoxKind::kKeysOfWindow, head_dim, batch * heads, runner.smem_limit());
   const BrickPlan key_plan =
-      choose_plan(in.geometry, BoxKind::kQueriesOfKeyBlock, head_dim, batch * heads, kSmemBudget, runner.smem_limit());
+      cached_plan(in.geometry, BoxKind::kQueriesOfKeyBlock, head_dim, batch * heads, runner.smem_limit());
   if (!plan_fits(query_plan) || !plan_fits(key_plan)) return std::nullopt;
   const bool with_bias = in.rel_pos_bias.defined(), with_pad = in.pad_key.defined();
   const int bias_entries = with_bias ? static_cast<int>(in.rel_pos_bias.numel() / heads) : 0;
