@@ -6,7 +6,9 @@
 Covers every CUDA kernel of the backend on a volume with partial windows: the tensor-core
 forward (fp16, bf16; aligned and misaligned rows), the generic forward (fp32, odd head_dim), the
 query-side backward with atomics and the deterministic key-side backward, with bias and both
-paddings. Exits non-zero if the backend is missing or a result is not finite.
+paddings; all of it once with each generation of tensor-core kernels, "classic" and "brick"
+(the brick forward, query pass, key pass and reduction). Exits non-zero if the backend is missing
+or a result is not finite.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 
 import torch
 
-from xmorpher_kernels import available_backends, window_cross_attention
+from xmorpher_kernels import _native, available_backends, window_cross_attention
 
 
 def run_case(dtype: torch.dtype, head_dim: int, padding: str, deterministic: bool, misaligned: bool) -> None:
@@ -50,11 +52,13 @@ def main() -> int:
     if not status.available or not torch.cuda.is_available():
         print(f"cuda backend unavailable: {status.reason or 'no GPU'}", file=sys.stderr)
         return 1
-    for dtype, head_dim in ((torch.float16, 16), (torch.bfloat16, 32), (torch.float32, 16), (torch.float16, 5)):
-        for padding in ("mask", "constant"):
-            for deterministic in (False, True):
-                run_case(dtype, head_dim, padding, deterministic, misaligned=False)
-    run_case(torch.bfloat16, 16, "constant", False, misaligned=True)
+    for generation in ("classic", "brick"):
+        _native._C.set_cuda_kernels(generation)
+        for dtype, head_dim in ((torch.float16, 16), (torch.bfloat16, 32), (torch.float32, 16), (torch.float16, 5)):
+            for padding in ("mask", "constant"):
+                for deterministic in (False, True):
+                    run_case(dtype, head_dim, padding, deterministic, misaligned=False)
+        run_case(torch.bfloat16, 16, "constant", False, misaligned=True)
     torch.use_deterministic_algorithms(False)
     print("cuda_sanitizer_case: ok")
     return 0

@@ -4,7 +4,7 @@
 // cuda/, registered there) and triton_window_attention_{forward,backward} (kernels registered
 // from Python, xmorpher_kernels/_triton.py). Autograd of both forward ops is C++
 // (autograd.cpp); their fake (meta) implementations are registered from Python
-// (xmorpher_kernels/_fake_ops.py).
+// (xmorpher_kernels/_extension.py).
 //
 // Constant padding is selected by passing pad_key and pad_value; without them padded keys are
 // masked. lse is the log-sum-exp of each query's scores, (B, heads, D, H, W) in the accumulation
@@ -23,6 +23,10 @@
 #endif
 
 namespace xmorpher_kernels {
+
+// csrc/brick_python.cpp: the CUDA kernel generation switch, the brick kernels' CPU emulator and
+// layout tables.
+void register_brick_bindings(pybind11::module& m);
 
 bool compiled_with_cuda() {
 #if defined(XK_WITH_CUDA)
@@ -78,4 +82,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "Whether a call runs on the CUDA backend's tensor-core kernels (else its generic CUDA-core ones).");
 #endif
+  xk::register_brick_bindings(m);
 }

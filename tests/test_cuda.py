@@ -8,7 +8,10 @@ Two kinds:
 * GPU tests (skipped without a GPU), against the float64 reference through
   ``xmorpher_kernels.testing.check_against_reference``: forward and every gradient, fp32/fp16/bf16,
   both paddings, bias, partial windows, asymmetric windows, head dims from 5 to 128, strided
-  inputs, and bitwise repeatability under ``torch.use_deterministic_algorithms(True)``.
+  inputs, and bitwise repeatability under ``torch.use_deterministic_algorithms(True)``. Each runs
+  with both generations of tensor-core kernels, "classic" and "brick"
+  (``xmorpher_kernels._C.set_cuda_kernels``; calls the brick kernels do not cover run on the
+  classic ones).
 """
 
 from __future__ import annotations
@@ -26,8 +29,23 @@ from xmorpher_kernels._extension import EXTENSION_ERROR, _C
 from xmorpher_kernels.testing import Problem, check_against_reference, make_problem
 
 HAS_GPU = torch.cuda.is_available() and _native.HAS_CUDA_KERNELS
-needs_cuda = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and the CUDA kernels")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_GENERATIONS = ("classic", "brick")
+
+
+@pytest.fixture(params=KERNEL_GENERATIONS)
+def cuda_kernels(request):
+    """The CUDA backend's tensor-core kernel generation for the test, restored afterwards."""
+    previous = _native._C.cuda_kernels()
+    _native._C.set_cuda_kernels(request.param)
+    yield request.param
+    _native._C.set_cuda_kernels(previous)
+
+
+def needs_cuda(test):
+    """A GPU test, run once per kernel generation; skipped without a GPU."""
+    test = pytest.mark.usefixtures("cuda_kernels")(test)
+    return pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and the CUDA kernels")(test)
 
 
 # --------------------------------------------------------------------------- build checks
@@ -267,6 +285,28 @@ def test_errors_are_python_exceptions():
         bias = torch.zeros(1, 3, 3, 3)
         k = torch.randn(1, 2, 2, 2, 1, 16, device="cuda")
         torch.ops.xmorpher_kernels.window_attention_forward(k, k, k, [2, 2, 2], [2, 2, 2], 1.0, bias, None, None)
+
+
+@needs_cuda
+def test_brick_kernels_run_when_switched_on(cuda_kernels):
+    # The switch reaches the kernels: with "brick", a covered call runs the brick forward and at
+    # most three brick launches in the backward, and no classic tensor-core kernel.
+    from torch.profiler import ProfilerActivity, profile
+
+    problem = _problem((1, 6, 6, 8, 2, 16), dtype=torch.bfloat16, padding="constant", bias=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = problem.run("cuda")
+        out.backward(torch.ones_like(out))
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    brick = [n for n in names if "brick_" in n]
+    classic = [n for n in names if "_mma_kernel" in n]
+    if cuda_kernels == "brick":
+        assert any("brick_forward_kernel" in n for n in brick), names
+        assert 1 <= len([n for n in brick if "brick_forward_kernel" not in n]) <= 3, names
+        assert not classic, names
+    else:
+        assert not brick and classic, names
 
 
 @needs_cuda

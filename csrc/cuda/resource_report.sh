@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates csrc/cuda/RESOURCE_REPORT.md from a built extension: per kernel and architecture,
 # registers, shared memory, stack/local memory (cuobjdump --dump-resource-usage), ptxas spill
-# lines (nvcc -Xptxas -v on the kernel sources) and the HMMA (tensor-core) instruction count.
+# lines (nvcc -Xptxas -v on the kernel sources), HMMA/LDSM/MOVM counts per kernel and the brick
+# kernels' instructions per tile of their hot loops (xmorpher_kernels/_sass.py).
 #
 #   csrc/cuda/resource_report.sh [path/to/_C*.so]      (default: xmorpher_kernels/_C*.so)
 #
@@ -40,12 +41,40 @@ out=csrc/cuda/RESOURCE_REPORT.md
     echo "### ptxas spills (nvcc -Xptxas -v, -O3 --use_fast_math, as setup.py builds)"
     echo
     echo '```'
-    for src in csrc/cuda/window_attention_cuda_*.cu; do  # the files with kernels
-      nvcc -c "$src" -o /dev/null $includes -Icsrc/include --expt-relaxed-constexpr -O3 --use_fast_math -std=c++17 \
-        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
-        -D__CUDA_NO_HALF2_OPERATORS__ -gencode "arch=compute_${arch#sm_},code=$arch" -Xptxas -v 2>&1 |
-        grep -E "spill" | sort | uniq -c | sed "s|^|$(basename "$src"): |"
+    for src in csrc/cuda/window_attention_cuda_*.cu; do  # the files with kernels (and the brick glue: none)
+      { nvcc -c "$src" -o /dev/null $includes -Icsrc/include --expt-relaxed-constexpr -O3 --use_fast_math -std=c++20 \
+          -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+          -D__CUDA_NO_HALF2_OPERATORS__ -gencode "arch=compute_${arch#sm_},code=$arch" -Xptxas -v 2>&1 |
+          grep -E "spill" || true; } | sort | uniq -c | sed "s|^|$(basename "$src"): |"
     done
+    echo '```'
+    echo
+    echo "### Tensor-core (HMMA), ldmatrix (LDSM) and movmatrix (MOVM) instructions per kernel"
+    echo
+    echo '```'
+    "$cuobjdump" --gpu-architecture "$arch" --dump-sass "$so" |
+      awk '/Function :/ {name = $3} /HMMA/ {h[name]++} /LDSM/ {l[name]++} /MOVM/ {m[name]++}
+           END {for (n in h) printf "%s HMMA:%d LDSM:%d MOVM:%d\n", n, h[n], l[n] + 0, m[n] + 0}' |
+      c++filt | sed -E 's/xmorpher_kernels::cuda::\(anonymous namespace\):://; s/xmorpher_kernels:://g; s/\((AttentionParams|brick::BackwardOutputs).*\) HMMA/ HMMA/' |
+      sort
+    echo '```'
+    echo
+    echo "### Brick kernels: hot loop per 16-token tile (head_dim 16; xmorpher_kernels/_sass.py, main path)"
+    echo
+    echo '```'
+    PYTHONPATH=$PWD python - "$so" "$arch" <<'PY'
+import re, sys
+from xmorpher_kernels import _native, _sass
+budgets = _native._C.brick_budgets()
+names = {"brick_forward_kernel": "forward", "brick_query_pass_kernel": "query_pass", "brick_key_pass_kernel": "key_pass"}
+for name, kernel in sorted(_sass.parse_sass(_sass.dump_sass(sys.argv[1], sys.argv[2])).items()):
+    match = re.search(r"(brick_[a-z_]+_kernel)I(6__half|13__nv_bfloat16)Li16E", name)
+    if match:
+        cost = _sass.hot_loop(kernel)
+        dtype = "fp16" if match.group(2) == "6__half" else "bf16"
+        print(f"{match.group(1)}<{dtype}, 16>: {cost.instructions / budgets['tiles']:.1f} per tile "
+              f"(budget {budgets[names[match.group(1)]]}); {cost.describe()}")
+PY
     echo '```'
     echo
     echo "Dynamic shared memory per block (from mma_layout() / backward_query_smem_bytes()), XMorpher's"
@@ -54,10 +83,14 @@ out=csrc/cuda/RESOURCE_REPORT.md
     echo "stages 8 neighbouring windows at head_dim 16 (fast schedule, 720 rows: 80,788 B) or 2 windows"
     echo "one colour period apart (deterministic schedule, 432 rows: 50,836 B); backward_queries_kernel"
     echo "(generic) with 8 warps at head_dim 16: 12,000 B. Budget: 80 KiB unless one window alone needs more."
+    echo "Brick kernels (brick_layout.h's choose_plan), the same setting at head_dim 16: bricks of 2 x 2 x 8"
+    echo "windows (8 warps), halo 8 x 8 x 20 tokens in 1,434 rows of each staged tensor (45 KiB regions):"
+    echo "brick_forward_kernel and brick_query_pass_kernel 102,912 B, brick_key_pass_kernel 114,384 B (two"
+    echo "blocks per SM on sm_90); at head_dim 32, bricks of 1 x 2 x 4 windows."
     echo
     hmma=$("$cuobjdump" --gpu-architecture "$arch" --dump-sass "$so" | grep -c HMMA || true)
     echo "HMMA instructions in the $arch SASS: **$hmma**"
-    echo "(\`cuobjdump --gpu-architecture $arch --dump-sass $so | grep -c HMMA\`; all in forward_mma_kernel and backward_mma_kernel)."
+    echo "(\`cuobjdump --gpu-architecture $arch --dump-sass $so | grep -c HMMA\`; all in the classic and brick tensor-core kernels)."
     echo
   done
 } >"$out"

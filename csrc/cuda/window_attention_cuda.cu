@@ -13,6 +13,8 @@
 
 #include "cuda_common.cuh"
 #include "window_attention_cuda.h"
+#include "window_attention_cuda_brick.h"
+#include "xmorpher_kernels/kernel_generation.h"
 #include "xmorpher_kernels/op_checks.h"
 
 namespace xmorpher_kernels {
@@ -73,6 +75,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& query_in, const at:
   auto lse = at::empty({query.size(0), query.size(4), query.size(1), query.size(2), query.size(3)},
                        query.options().dtype(at::kFloat));
   if (query.numel() == 0) return {out, lse};
+  // The brick kernels, when switched on (XMORPHER_KERNELS_CUDA_KERNELS=brick), for the calls they cover.
+  if (cuda_kernels() == CudaKernels::kBrick && brick_forward(in, scale, out, lse)) return {out, lse};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   dispatch_dtype(query.scalar_type(), "window_attention_forward", [&](auto tag) {
@@ -124,6 +128,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor out = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
   check_backward_tensors(query, grad_out, out, lse, at::kFloat);
+  // The brick kernels, when switched on (XMORPHER_KERNELS_CUDA_KERNELS=brick), for the calls they
+  // cover: deterministic without atomics, whatever `deterministic` says.
+  if (cuda_kernels() == CudaKernels::kBrick) {
+    if (std::optional<brick::Gradients> g = brick_backward(in, scale, grad_out, out, lse))
+      return {g->query, g->key, g->value, g->rel_pos_bias, g->pad_key, g->pad_value};
+  }
 
   // deterministic: the atomic-free schedules (colour passes of the tensor-core kernel, or the
   // key-side generic kernel). Otherwise fp32 atomics.

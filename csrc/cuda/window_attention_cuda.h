@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "xmorpher_kernels/attention_params.h"
+#include "xmorpher_kernels/brick_kernels.h"
 
 namespace xmorpher_kernels {
 namespace cuda {
@@ -49,6 +50,29 @@ int backward_query_warps(const WindowGeometry& g, int64_t head_dim, bool with_bi
 // whose key box holds it, in a fixed order, and writes p.grad_key/p.grad_value (fp32).
 template <typename T>
 void launch_backward_keys(const AttentionParams<T, float>& p, const float* delta, cudaStream_t stream);
+
+// Brick tensor-core kernels for fp16/bf16 (window_attention_cuda_brick_*.cu; design in
+// csrc/include/xmorpher_kernels/brick_kernels.h), launched with a plan from brick::choose_plan()
+// for the calls brick::not_covered() admits. Each returns the launch's CUDA error.
+//   forward: out and lse;
+//   query pass (plan of BoxKind::kKeysOfWindow): dQ into p.grad_query, <dO, O> into outs.delta,
+//     one row of bias/pad partial sums per block into outs.partials;
+//   key pass (plan of BoxKind::kQueriesOfKeyBlock, after the query pass): dK and dV;
+//   reduce (after the query pass, when outs.partial_stride > 0): the bias and pad gradients.
+template <typename T>
+cudaError_t launch_brick_forward(const AttentionParams<T, float>& p, const brick::BrickPlan& plan,
+                                 const brick::ScoreScale& sc, cudaStream_t stream);
+template <typename T>
+cudaError_t launch_brick_query_pass(const AttentionParams<T, float>& p, const brick::BrickPlan& plan,
+                                    const brick::ScoreScale& sc, const brick::BackwardOutputs<T>& outs,
+                                    cudaStream_t stream);
+template <typename T>
+cudaError_t launch_brick_key_pass(const AttentionParams<T, float>& p, const brick::BrickPlan& plan,
+                                  const brick::ScoreScale& sc, const brick::BackwardOutputs<T>& outs,
+                                  cudaStream_t stream);
+template <typename T>
+cudaError_t launch_brick_reduce(const brick::BackwardOutputs<T>& outs, int64_t batch, int64_t heads, int64_t bricks,
+                                int head_dim, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace xmorpher_kernels
