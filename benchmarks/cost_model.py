@@ -104,13 +104,14 @@ def _kernel_counts(arch: str) -> Dict[Tuple[str, str, int], LoopCounts]:
     """(kernel, dtype, head_dim) -> counts, from the installed extension's SASS."""
     import re
 
-    from xmorpher_kernels import _native, _sass
+    from xmorpher_kernels import _sass
+    from xmorpher_kernels._extension import _C
 
-    if not (_native.HAS_NATIVE and _native._C.compiled_with_cuda()) or _sass.find_cuobjdump() is None:
+    if not (_C is not None and _C.compiled_with_cuda()) or _sass.find_cuobjdump() is None:
         return {}
     pattern = re.compile(r"((?:brick_[a-z_]+|forward_mma|backward_mma)_kernel)I(6__half|13__nv_bfloat16)Li(\d+)E(Lb1E)?")
     counts = {}
-    for name, kernel in _sass.parse_sass(_sass.dump_sass(_native._C.__file__, arch)).items():
+    for name, kernel in _sass.parse_sass(_sass.dump_sass(_C.__file__, arch)).items():
         match = pattern.search(name)
         if not match or (match.group(1) == "backward_mma_kernel" and not match.group(4)):
             continue  # the classic backward: its atomic (default) schedule only
@@ -155,10 +156,10 @@ def _units(shape: Sequence[int]) -> int:
 
 
 def _brick_kernel(name: str, kind: str, shape, counts: LoopCounts, bytes_moved: float) -> KernelCost:
-    from xmorpher_kernels import _native
+    from xmorpher_kernels._extension import _C
 
     batch, depth, height, width, heads, head_dim = shape
-    plan = _native._C.brick_plan([depth, height, width], [WINDOW] * 3, [SEARCH] * 3, head_dim, kind,
+    plan = _C.brick_plan([depth, height, width], [WINDOW] * 3, [SEARCH] * 3, head_dim, kind,
                                  batch_heads=batch * heads)
     warps = plan["warps"]
     # The prologue path went through the staging and table loops once; they take more trips.

@@ -17,7 +17,8 @@ import sys
 
 import torch
 
-from xmorpher_kernels import _native, available_backends, window_cross_attention
+from xmorpher_kernels import available_backends, window_cross_attention
+from xmorpher_kernels._extension import _C
 
 
 def run_case(dtype: torch.dtype, head_dim: int, padding: str, deterministic: bool, misaligned: bool) -> None:
@@ -53,7 +54,7 @@ def main() -> int:
         print(f"cuda backend unavailable: {status.reason or 'no GPU'}", file=sys.stderr)
         return 1
     for generation in ("classic", "brick"):
-        _native._C.set_cuda_kernels(generation)
+        _C.set_cuda_kernels(generation)
         for dtype, head_dim in ((torch.float16, 16), (torch.bfloat16, 32), (torch.float32, 16), (torch.float16, 5)):
             for padding in ("mask", "constant"):
                 for deterministic in (False, True):

@@ -109,11 +109,12 @@ def roofline_floor_s(shape, dtype: torch.dtype, backward: bool, bandwidth: float
 
 
 def load_cost_model() -> Tuple[Optional[Callable], str]:
-    """``cost_model.predict_ms`` and a line saying what was loaded; (None, why) when absent or
+    """``cost_model.predict`` and a line saying what was loaded; (None, why) when absent or
     broken: a missing module leaves its columns out, an error in it never stops the table.
 
-    The call made: ``predict_ms(backend=..., shape=(B, D, H, W, heads, head_dim), dtype=...,
-    mode="forward" | "forward+backward", window=2, search=6)`` -> milliseconds.
+    The call made: ``predict(backend, shape=(B, D, H, W, heads, head_dim), dtype="bf16" | "fp16" |
+    "fp32", mode="forward" | "forward+backward")`` -> milliseconds at window 2, search 6, or None
+    where it has no model (the cell then shows "-").
     """
     try:
         import cost_model
@@ -123,19 +124,21 @@ def load_cost_model() -> Tuple[Optional[Callable], str]:
         return None, f"cost model: import failed: {error_text(error)}"
     except Exception as error:
         return None, f"cost model: import failed: {error_text(error)}"
-    predict = getattr(cost_model, "predict_ms", None)
+    predict = getattr(cost_model, "predict", None)
     if not callable(predict):
-        return None, "cost model: benchmarks/cost_model.py has no predict_ms(backend, shape, dtype, mode, window, search)"
-    return predict, "cost model: 'model' columns = benchmarks/cost_model.py predict_ms(...) in ms"
+        return None, "cost model: benchmarks/cost_model.py has no predict(backend, shape, dtype, mode)"
+    return predict, "cost model: 'model' columns = benchmarks/cost_model.py predict(...) in ms (SASS counts of this build)"
 
 
 def predictions(predict: Optional[Callable], backend: str, shape, dtype) -> Tuple[Optional[str], Optional[str]]:
     if predict is None:
         return None, None
-    figures = []
+    short = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    figures: List[Optional[str]] = []
     for mode in ("forward", "forward+backward"):
         try:
-            figures.append(f"{float(predict(backend=backend, shape=shape, dtype=dtype, mode=mode, window=WINDOW, search=SEARCH)):.3f}")
+            predicted = predict(backend, tuple(shape), short, mode)
+            figures.append(None if predicted is None else f"{float(predicted):.3f}")
         except Exception as error:  # shown in the cell, never fatal
             figures.append(f"err:{type(error).__name__}")
     return figures[0], figures[1]
@@ -144,13 +147,27 @@ def predictions(predict: Optional[Callable], backend: str, shape, dtype) -> Tupl
 # ------------------------------------------------------------------ op rows
 
 
-def op_runner(backend: str) -> Callable:
+def op_runner(backend: str, cuda_kernels: Optional[str] = None) -> Callable:
+    """A call of the op; with ``cuda_kernels``, the CUDA backend's kernel generation switched to
+    it for the call (and back to the default after)."""
     from xmorpher_kernels import window_cross_attention
 
     def run(q, k, v, bias):
         return window_cross_attention(q, k, v, WINDOW, SEARCH, rel_pos_bias=bias, backend=backend)
 
-    return run
+    if cuda_kernels is None:
+        return run
+    from xmorpher_kernels._extension import _C
+
+    def run_generation(q, k, v, bias):
+        previous = _C.cuda_kernels()
+        _C.set_cuda_kernels(cuda_kernels)
+        try:
+            return run(q, k, v, bias)
+        finally:
+            _C.set_cuda_kernels(previous)
+
+    return run_generation
 
 
 def measure(row: Row, run: Callable, shape, dtype, deterministic: bool, graphs: bool) -> Row:
@@ -199,6 +216,10 @@ def op_backends() -> Dict[str, Tuple[Optional[Callable], bool, str]]:
         backends[name] = (op_runner(name), False, "") if status.available else (None, False, status.reason or "unavailable")
     # The CUDA backward has a separate deterministic schedule; Triton's is always deterministic.
     backends["cuda (deterministic)"] = (backends["cuda"][0], True, backends["cuda"][2])
+    # The brick kernels (opt-in until a GPU has validated them): always deterministic; calls
+    # they do not cover (fp32) run the classic kernels.
+    cuda = backends["cuda"]
+    backends["cuda (brick)"] = (op_runner("cuda", "brick") if cuda[0] else None, False, cuda[2])
     return backends
 
 
@@ -434,7 +455,8 @@ def main() -> None:
             else:
                 measure(row, run, shape, dtype, deterministic, graphs=name != "reference")
                 if name.split(" ")[0] in FUSED:
-                    row.predicted = predictions(predict, name.split(" ")[0], shape, dtype)
+                    model = "brick" if name == "cuda (brick)" else name.split(" ")[0]
+                    row.predicted = predictions(predict, model, shape, dtype)
             rows.append(row)
             progress([row])
 
@@ -447,7 +469,7 @@ def main() -> None:
         rows.extend(part)
         progress(part)
     for stage in STAGES:
-        op_rows(stage, torch.float32, reserve_s=20, skip=("cuda (deterministic)",))
+        op_rows(stage, torch.float32, reserve_s=20, skip=("cuda (deterministic)", "cuda (brick)"))
     order = {stage: i for i, stage in enumerate(STAGES)}
     rows.sort(key=lambda r: (order.get(r.stage, len(order)), r.dtype != "bfloat16"))  # stable: backends keep their order
 

@@ -3,6 +3,7 @@
 // kernels use (csrc/include/xmorpher_kernels/brick_layout.h), for the tests.
 #include <torch/extension.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -114,6 +115,16 @@ void register_brick_bindings(py::module& m) {
         "The CUDA tensor-core kernel generation in use: 'classic' (default) or 'brick' "
         "(XMORPHER_KERNELS_CUDA_KERNELS at load).");
   m.def("set_cuda_kernels", &set_cuda_kernels, "Switch the CUDA tensor-core kernel generation: 'classic' or 'brick'.");
+  m.def(
+      "brick_not_covered",
+      [](std::vector<int64_t> volume, std::vector<int64_t> window, std::vector<int64_t> search, int64_t head_dim,
+         at::ScalarType dtype) -> std::optional<std::string> {
+        if (dtype != at::kHalf && dtype != at::kBFloat16) return std::string("dtype is not fp16 or bf16");
+        const char* why = brick::not_covered(geometry_of(volume, window, search), head_dim);
+        return why == nullptr ? std::nullopt : std::optional<std::string>(why);
+      },
+      "Why the brick kernels do not cover a call's geometry, head_dim and dtype, or None (rows must also be "
+      "16-byte aligned at run time).");
   m.def("brick_emulate_forward", &brick::emu::emulate_forward,
         "window_attention_forward on CPU fp16/bf16 tensors through the CPU emulation of the brick CUDA kernels.");
   m.def("brick_emulate_backward", &brick::emu::emulate_backward,

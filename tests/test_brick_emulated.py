@@ -15,12 +15,13 @@ from typing import Dict, Optional, Sequence, Tuple
 import pytest
 import torch
 
-from xmorpher_kernels import _native, reference
+from xmorpher_kernels import reference
+from xmorpher_kernels._extension import _C
 from xmorpher_kernels._checks import check_arguments
 from xmorpher_kernels.testing import Problem, make_problem, max_error
 
 pytestmark = pytest.mark.skipif(
-    not (_native.HAS_NATIVE and hasattr(_native._C, "brick_emulate_forward")),
+    not (_C is not None and hasattr(_C, "brick_emulate_forward")),
     reason="the native extension with the brick emulator is not built",
 )
 
@@ -48,8 +49,8 @@ def emulated(problem: Problem, grad_out: torch.Tensor) -> Dict[str, torch.Tensor
     window, search = list(args.geometry.window), list(args.geometry.search)
     detached = [t.detach() if t is not None else None for t in (args.rel_pos_bias, pad_key, pad_value)]
     q, k, v = (t.detach() for t in (args.query, args.key, args.value))
-    out, lse = _native._C.brick_emulate_forward(q, k, v, window, search, args.scale, *detached)
-    grads = _native._C.brick_emulate_backward(grad_out, q, k, v, out, lse, window, search, args.scale, *detached)
+    out, lse = _C.brick_emulate_forward(q, k, v, window, search, args.scale, *detached)
+    grads = _C.brick_emulate_backward(grad_out, q, k, v, out, lse, window, search, args.scale, *detached)
     result = {"out": out}
     names = ("query", "key", "value", "rel_pos_bias", "pad_key", "pad_value")
     for name, grad in zip(names, grads):
@@ -155,9 +156,9 @@ def test_paper_geometry_ldmatrix_is_conflict_free():
     # Window 2, search 6 with full 2 x 2 x 8 bricks: every ldmatrix phase of the three kernels
     # hits 8 distinct bank groups (the halo's row strides and the chunk swizzle).
     problem = _problem((1, 4, 4, 16, 1, 16), 2, 6, padding="mask", bias=True, seed=19)
-    _native._C.brick_emulator_stats()
+    _C.brick_emulator_stats()
     emulated(problem, torch.randn(problem.query.shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16))
-    stats = _native._C.brick_emulator_stats()
+    stats = _C.brick_emulator_stats()
     assert stats["ldsm_phases"] > 0, stats
     assert stats["ldsm_extra_wavefronts"] == 0, f"ldmatrix bank conflicts: {stats}"
 
@@ -166,7 +167,7 @@ def test_uncovered_calls_raise():
     for head_dim in (24, 64):
         q = torch.randn(1, 2, 2, 2, 1, head_dim, dtype=torch.bfloat16)
         with pytest.raises(RuntimeError, match="head_dim"):
-            _native._C.brick_emulate_forward(q, q, q, [2, 2, 2], [2, 2, 2], 1.0, None, None, None)
+            _C.brick_emulate_forward(q, q, q, [2, 2, 2], [2, 2, 2], 1.0, None, None, None)
     q = torch.randn(1, 2, 2, 2, 1, 16)
     with pytest.raises(RuntimeError, match="dtype"):
-        _native._C.brick_emulate_forward(q, q, q, [2, 2, 2], [2, 2, 2], 1.0, None, None, None)
+        _C.brick_emulate_forward(q, q, q, [2, 2, 2], [2, 2, 2], 1.0, None, None, None)

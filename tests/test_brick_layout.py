@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from xmorpher_kernels import _native, reference
+from xmorpher_kernels import reference
+from xmorpher_kernels._extension import _C
 from xmorpher_kernels.testing import make_problem
 
 pytestmark = pytest.mark.skipif(
-    not (_native.HAS_NATIVE and hasattr(_native._C, "brick_plan")),
+    not (_C is not None and hasattr(_C, "brick_plan")),
     reason="the native extension with the brick layout functions is not built",
 )
 
@@ -38,7 +39,7 @@ GEOMETRIES = [  # (volume, window, search)
 
 
 def plan(volume, window, search, kind, head_dim=16, **kwargs) -> dict:
-    p = _native._C.brick_plan(list(volume), list(window), list(search), head_dim, kind, **kwargs)
+    p = _C.brick_plan(list(volume), list(window), list(search), head_dim, kind, **kwargs)
     assert p["not_covered"] is None, p["not_covered"]
     return p
 
@@ -84,7 +85,7 @@ def test_window_pairs_follow_the_spec(volume, window, search):
     # its query (o + n's coords); every pair takes part, with the spec's bias index.
     p = plan(volume, window, search, KEYS)
     assert p["box_extent"] == list(search) and p["slots"] == int(np.prod(window))
-    spec_table = _native._C.brick_pair_bias_index(list(volume), list(window), list(search), KEYS)
+    spec_table = _C.brick_pair_bias_index(list(volume), list(window), list(search), KEYS)
     origin = tuple(3 * w for w in window)  # any window: the relation does not depend on it
     for m in range(224):
         for n in range(8):
@@ -108,7 +109,7 @@ def test_key_pass_inverts_the_window_relation(volume, window, search):
     # the queries that see each key (the spec's relation, enumerated over a large volume), with
     # the same bias index as the forward.
     p = plan(volume, window, search, QUERIES)
-    spec_table = _native._C.brick_pair_bias_index(list(volume), list(window), list(search), QUERIES)
+    spec_table = _C.brick_pair_bias_index(list(volume), list(window), list(search), QUERIES)
     unit = tuple(6 for _ in window)  # far from any border of the enumeration below
     block_origin = [u * w for u, w in zip(unit, window)]
     box_origin = [o + b for o, b in zip(block_origin, p["box_start"])]
@@ -175,7 +176,7 @@ def test_ldmatrix_phases_are_conflict_free_at_the_paper_geometry(kind, head_dim)
     # base is congruent mod 8 reuses the rows shifted; a k-step is an XOR away).
     p = plan((36, 36, 32), (2, 2, 2), (6, 6, 6), kind, head_dim=head_dim)
     chunks = p["chunks"]
-    offset = _native._C.brick_chunk_offset
+    offset = _C.brick_chunk_offset
     for warp_units in p["warp_units"]:
         ref_base = None
         for d in warp_units:
@@ -204,7 +205,7 @@ def test_outside_bits_and_key_codes_mask_outside_keys(volume, window, search):
     nunits = [-(-v // w) for v, w in zip(volume, window)]
     for _ in range(40):
         unit = [rng.randrange(n) for n in nunits]
-        bits = _native._C.brick_outside_bits(list(volume), list(window), list(search), unit)
+        bits = _C.brick_outside_bits(list(volume), list(window), list(search), unit)
         for m in range(224):
             code = p["token_code"][m]
             if m >= p["box"]:
@@ -227,7 +228,7 @@ def test_bias_reduction_rounds_are_race_free(volume, window, search):
         assert len(set(entries)) == len(entries), f"slot {n}: two keys share a bias entry"
     for m in range(224):
         for n in range(8):
-            position = _native._C.brick_fragment_position(m, n)
+            position = _C.brick_fragment_position(m, n)
             tile, lane, element = position // 128, position // 4 % 32, position % 4
             assert tile == m // 16
             assert lane // 4 + 8 * (element // 2) == m % 16 and 2 * (lane % 4) + element % 2 == n

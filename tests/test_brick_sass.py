@@ -16,10 +16,11 @@ from typing import Dict, List, Tuple
 
 import pytest
 
-from xmorpher_kernels import _native, _sass
+from xmorpher_kernels import _sass
+from xmorpher_kernels._extension import _C
 
 pytestmark = pytest.mark.skipif(
-    not (_native.HAS_NATIVE and _native._C.compiled_with_cuda() and hasattr(_native._C, "brick_budgets")),
+    not (_C is not None and _C.compiled_with_cuda() and hasattr(_C, "brick_budgets")),
     reason="the extension was built without its CUDA kernels",
 )
 
@@ -44,7 +45,7 @@ def brick_kernels(arch: str) -> Dict[Tuple[str, str, int], _sass.Kernel]:
     if tool is None:
         pytest.skip("cuobjdump not found (CUDA toolkit or triton's copy)")
     found = {}
-    for name, kernel in _sass.parse_sass(_sass.dump_sass(_native._C.__file__, arch, tool)).items():
+    for name, kernel in _sass.parse_sass(_sass.dump_sass(_C.__file__, arch, tool)).items():
         match = _NAME.search(name)
         if match:
             dtype = "fp16" if match.group(2) == "6__half" else "bf16"
@@ -96,7 +97,7 @@ def expected_hmma(family: str, head_dim: int, tiles: int) -> int:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_hot_loop_within_budget(arch, family, dtype):
-    budgets = _native._C.brick_budgets()
+    budgets = _C.brick_budgets()
     tiles, budget = budgets["tiles"], budgets[FAMILIES[family]]
     kernel = brick_kernels(arch)[(family, dtype, 16)]
     cost = _sass.hot_loop(kernel)

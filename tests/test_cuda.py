@@ -36,10 +36,10 @@ KERNEL_GENERATIONS = ("classic", "brick")
 @pytest.fixture(params=KERNEL_GENERATIONS)
 def cuda_kernels(request):
     """The CUDA backend's tensor-core kernel generation for the test, restored afterwards."""
-    previous = _native._C.cuda_kernels()
-    _native._C.set_cuda_kernels(request.param)
+    previous = _C.cuda_kernels()
+    _C.set_cuda_kernels(request.param)
     yield request.param
-    _native._C.set_cuda_kernels(previous)
+    _C.set_cuda_kernels(previous)
 
 
 def needs_cuda(test):

@@ -41,13 +41,16 @@ def cuda_refuses(args: AttentionArgs) -> Optional[str]:
 def cuda_auto_demotion(args: AttentionArgs) -> Optional[str]:
     """Why backend="auto" should try Triton before the CUDA backend for this call, or None. From
     the H200 measurements (benchmarks/results/): the generic CUDA-core kernels (every call the
-    tensor-core kernels do not cover) are about 5x slower than Triton, and the tensor-core
-    backward's deterministic schedule (27 colour passes) 2.5x slower."""
+    tensor-core kernels do not cover) are about 5x slower than Triton, and the classic tensor-core
+    backward's deterministic schedule (27 colour passes) 2.5x slower. The brick kernels (opt-in)
+    are deterministic without a separate schedule."""
     g = args.geometry
-    if not _C.cuda_tensor_cores_cover(list(g.volume), list(g.window), list(g.search), args.head_dim, args.query.dtype):
+    sizes = (list(g.volume), list(g.window), list(g.search), args.head_dim, args.query.dtype)
+    if not _C.cuda_tensor_cores_cover(*sizes):
         return "the call runs on the generic CUDA-core kernels"
     inputs = (args.query, args.key, args.value, args.rel_pos_bias, args.pad_key, args.pad_value)
     backward_follows = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    if backward_follows and torch.are_deterministic_algorithms_enabled():
+    brick = _C.cuda_kernels() == "brick" and _C.brick_not_covered(*sizes) is None
+    if backward_follows and torch.are_deterministic_algorithms_enabled() and not brick:
         return "the deterministic tensor-core backward is slower than Triton's"
     return None
