@@ -47,6 +47,7 @@ def test_every_variant_trains_over_its_seeds_and_keeps_its_checkpoints(quick_stu
             assert {"best.pt", "last.pt", "log.csv", "config.toml", "run.json"} <= set(os.listdir(folder))
         assert len(row["pair_dice"]) == summary["test_pairs"] == 4
         assert 0 < row["test"]["dice"]["mean"] < 1 and row["seconds_per_pair"]["mean"] > 0
+        assert row["test"]["sd_log_jacobian"]["mean"] > 0  # trained: the flows are no longer zero
         assert set(row["dice_per_structure"]) == set(summary["identity"]["dice_per_structure"])
 
 
@@ -72,7 +73,8 @@ def test_the_comparison_has_its_statistics_and_generalization_bins(quick_study):
         assert test["pairs"] == 4 and (test["p_value"] is None or 0 < test["p_value"] <= 1)
     bins = len(summary["bins_mm"])
     for label_set in ("neuromorphometrics", "aseg"):
-        assert all(change >= 0 for change in summary["true_deformation"]["generalization"][label_set])
+        ceiling = summary["true_deformation"]["generalization"][label_set]
+        assert ceiling[-1] > 0.1 and min(ceiling) > -0.01  # the exact inverse gains where labels can move
         for row in summary["variants"].values():
             assert [b["bin"] for b in row["generalization"][label_set]] == list(range(bins))
     table = open(os.path.join(out, "table.md")).read()

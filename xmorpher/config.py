@@ -1,9 +1,10 @@
 """Every hyperparameter of data, model, training and evaluation in one typed, file-backed config.
 
 A config is a TOML (Python 3.11+ stdlib) or JSON file with the tables [data], [data.deformation],
-[data.intensity], [model], [model.options], [train] and [evaluate]; keys left out keep the defaults
-below. Presets are named configs shipped in code: `brain-cpu` (the README's main job) and `tiny`
-(tests). `xmorpher config` prints a full config to start from.
+[data.intensity], [model], one option table per registered model ([model.xmorpher],
+[model.xmorpher_nocross], [model.voxelmorph]: see xmorpher.factory), [train] and [evaluate]; keys
+left out keep the defaults below. Presets are named configs shipped in code: `brain-cpu` (the
+README's main job) and `tiny` (tests). `xmorpher config` prints a full config to start from.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Any, Optional
 
 from .data.synth import DeformationParams, IntensityParams
 from .errors import XMorpherError
+from .factory import MODELS, model_names
 
-MODEL_NAMES = ("xmorpher", "xmorpher-nocross", "voxelmorph")
+MODEL_NAMES = tuple(model_names())
 
 
 @dataclass
@@ -43,20 +45,38 @@ class DataConfig:
     intensity: IntensityParams = field(default_factory=IntensityParams)
 
 
-@dataclass
-class ModelConfig:
-    """The network: a name of build_model, and per model the config fields it overrides (so that
-    `--model` can switch networks without touching the options of the others)."""
+def option_table(name: str) -> str:
+    """The [model.*] table of a model's options: its name with '-' written '_' (a Python name)."""
+    return name.replace("-", "_")
 
+
+@dataclass
+class _ModelChoice:
     name: str = "xmorpher"
     attention_backend: str = "auto"  # window_cross_attention backend: auto, cpu, reference, triton, cuda
-    xmorpher: dict = field(default_factory=dict)  # XMorpherConfig fields, e.g. embed_dim = 24
-    xmorpher_nocross: dict = field(default_factory=dict)  # XMorpherConfig fields
-    voxelmorph: dict = field(default_factory=dict)  # VoxelMorphConfig fields
 
     def options(self) -> dict:
         """The overrides of the chosen model."""
-        return dict(getattr(self, self.name.replace("-", "_")))
+        return dict(getattr(self, option_table(self.name)))
+
+
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig",
+    [(option_table(name), dict, field(default_factory=dict)) for name in model_names()],
+    bases=(_ModelChoice,),
+    namespace={
+        "__module__": __name__,
+        "__doc__": """The network: a name of build_model, and one table per registered model of the
+    config fields it overrides (e.g. xmorpher = {embed_dim = 24}), so that `--model` can switch
+    networks without touching the options of the others.""",
+    },
+)
+
+
+def _tables_like(model: str, options: dict) -> dict:
+    """``options`` as the option table of ``model`` and of every registered variant of its class."""
+    family = MODELS[model].model
+    return {option_table(name): options for name, variant in MODELS.items() if variant.model is family}
 
 
 @dataclass
@@ -112,14 +132,14 @@ PRESETS: dict[str, dict] = {
     # trains in under 30 minutes on a 2-core CPU.
     "brain-cpu": {
         "data": {"source": "brain", "spacing_mm": 4.0, "train_subjects": 60, "val_subjects": 4, "test_subjects": 10},
-        "model": {"name": "xmorpher", "xmorpher": _SMALL_XMORPHER, "xmorpher_nocross": _SMALL_XMORPHER},
+        "model": {"name": "xmorpher", **_tables_like("xmorpher", _SMALL_XMORPHER)},
         "train": {"lr": 2e-3, "epochs": 30, "steps_per_epoch": 100, "checkpoint_every": 50, "scheduler": "cosine"},
     },
     # Seconds-long runs for tests: tiny shapes, tiny model.
     "tiny": {
         "data": {"source": "shapes", "shapes_size": [16, 16, 16], "shapes_labels": 3, "shapes_train_pairs": 64,
                  "shapes_val_pairs": 2, "shapes_test_pairs": 2, "spacing_mm": 4.0},
-        "model": {"name": "xmorpher", "xmorpher": _TINY_XMORPHER, "xmorpher_nocross": _TINY_XMORPHER,
+        "model": {"name": "xmorpher", **_tables_like("xmorpher", _TINY_XMORPHER),
                   "voxelmorph": {"encoder_channels": [4, 8], "decoder_channels": [8, 8, 4]}},
         "train": {"epochs": 2, "steps_per_epoch": 3, "checkpoint_every": 2, "log_every": 1, "lr": 1e-3, "threads": 1},
     },

