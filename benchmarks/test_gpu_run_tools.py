@@ -12,6 +12,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 import error_path_probe
 import gpu_report
@@ -91,16 +92,21 @@ def test_cost_model_is_optional_and_never_fatal(monkeypatch):
     assert predict is None and "absent" in line
     monkeypatch.setitem(sys.modules, "cost_model", types.SimpleNamespace())
     predict, line = gpu_report.load_cost_model()
-    assert predict is None and "no predict_ms" in line
+    assert predict is None and "no predict(" in line
 
-    def predict_ms(backend, shape, dtype, mode, window, search):
+    def predict(backend, shape, dtype, mode):
+        assert dtype == "bf16"
+        if backend == "triton":
+            return None  # no model for it
         if mode == "forward+backward":
             raise ValueError("not modelled")
         return 0.25
 
-    monkeypatch.setitem(sys.modules, "cost_model", types.SimpleNamespace(predict_ms=predict_ms))
-    predict, line = gpu_report.load_cost_model()
-    assert gpu_report.predictions(predict, "cuda", (2, 36, 36, 32, 3, 16), None) == ("0.250", "err:ValueError")
+    monkeypatch.setitem(sys.modules, "cost_model", types.SimpleNamespace(predict=predict))
+    loaded, line = gpu_report.load_cost_model()
+    shape = (2, 36, 36, 32, 3, 16)
+    assert gpu_report.predictions(loaded, "cuda", shape, torch.bfloat16) == ("0.250", "err:ValueError")
+    assert gpu_report.predictions(loaded, "triton", shape, torch.bfloat16) == (None, None)
 
 
 def test_model_rows_keep_what_the_child_printed(monkeypatch):
