@@ -158,7 +158,7 @@ void register_brick_bindings(py::module& m) {
         }
         return table;
       },
-      "pair_bias_index (the spec-derived pair relation of brick_layout.h) of every (box token, slot): a bias index or -1.");
+      "pair_bias_index (the contract-derived pair relation of brick_layout.h) of every (box token, slot): a bias index or -1.");
   m.def(
       "brick_outside_bits",
       [](std::vector<int64_t> volume, std::vector<int64_t> window, std::vector<int64_t> search, std::vector<int64_t> unit) {

@@ -1,6 +1,6 @@
 """The layout of the brick CUDA kernels, checked on the CPU from the tables the kernels use
 (csrc/include/xmorpher_kernels/brick_layout.h, returned by ``xmorpher_kernels._C`` debug
-functions) against the op's contract (shared/spec/window_cross_attention.md), restated here in
+functions) against the op's contract (docs/contract.md), restated here in
 plain Python: which tokens a brick stages and at which shared-memory row, which box token each
 fragment row holds, the bias index of every pair, the masks, the key pass's inversion of the
 window relation, the warps' units, and conflict-free ldmatrix phases. A NumPy model then computes
@@ -52,7 +52,7 @@ def margin(window: int, search: int) -> int:
 
 
 def sees(key: Sequence[int], query: Sequence[int], window, search) -> bool:
-    """Whether the key box of query's base window holds key (spec steps 1-2)."""
+    """Whether the key box of query's base window holds key (contract steps 1-2)."""
     for j, p, w, s in zip(key, query, window, search):
         start = (p // w) * w - margin(w, s)
         if not start <= j < start + s:
@@ -61,7 +61,7 @@ def sees(key: Sequence[int], query: Sequence[int], window, search) -> bool:
 
 
 def bias_index(key, query, window, search) -> int:
-    """Flat index of bias(key - query) (spec step 3)."""
+    """Flat index of bias(key - query) (contract step 3)."""
     index = 0
     for j, p, w, s in zip(key, query, window, search):
         index = index * (s + w - 1) + (j - p + margin(w, s) + w - 1)
@@ -82,7 +82,7 @@ def unravel(index: int, sizes: Sequence[int]) -> Tuple[int, ...]:
 @pytest.mark.parametrize("volume, window, search", GEOMETRIES, ids=str)
 def test_window_pairs_follow_the_spec(volume, window, search):
     # Forward / query pass: box token m is key (o - l + m's coords) of the window at o, slot n
-    # its query (o + n's coords); every pair takes part, with the spec's bias index.
+    # its query (o + n's coords); every pair takes part, with the contract's bias index.
     p = plan(volume, window, search, KEYS)
     assert p["box_extent"] == list(search) and p["slots"] == int(np.prod(window))
     spec_table = _C.brick_pair_bias_index(list(volume), list(window), list(search), KEYS)
@@ -106,7 +106,7 @@ def test_window_pairs_follow_the_spec(volume, window, search):
 @pytest.mark.parametrize("volume, window, search", GEOMETRIES, ids=str)
 def test_key_pass_inverts_the_window_relation(volume, window, search):
     # Key pass: for the keys of one key block, the query box and its pair table must list exactly
-    # the queries that see each key (the spec's relation, enumerated over a large volume), with
+    # the queries that see each key (the contract's relation, enumerated over a large volume), with
     # the same bias index as the forward.
     p = plan(volume, window, search, QUERIES)
     spec_table = _C.brick_pair_bias_index(list(volume), list(window), list(search), QUERIES)

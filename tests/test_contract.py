@@ -67,12 +67,12 @@ def _on(problem: Problem, target: Target, dtype: Optional[torch.dtype] = None) -
 
 
 # ----------------------------------------------------------------------------------------------
-# The spec, transcribed literally
+# The contract (docs/contract.md), transcribed literally
 # ----------------------------------------------------------------------------------------------
 
 
 def spec_attention(q, k, v, window, search, scale, bias=None, padding="mask", pad_key=None, pad_value=None):
-    """The spec, one query and one key at a time (tiny sizes only), in float64 on the CPU."""
+    """The contract, one query and one key at a time (tiny sizes only), in float64 on the CPU."""
     q, k, v = (t.detach().double().cpu() for t in (q, k, v))
     bias, pad_key, pad_value = (None if t is None else t.detach().double().cpu() for t in (bias, pad_key, pad_value))
     batch, depth, height, width, heads, head_dim = q.shape
@@ -128,7 +128,7 @@ def test_matches_spec_transcription(target, case, generator):
 
 
 def test_worked_example_uses_exactly_the_spec_keys(target, generator):
-    """The spec's worked example: zero keys give uniform attention, so the output of query
+    """The contract's worked example: zero keys give uniform attention, so the output of query
     (3, 0, 1) is the mean of exactly the values it attends to: the 64 in-volume keys with
     padding="mask", all 216 (152 of them pad_value) with padding="constant"."""
     dtype, device = target.exact_dtype, target.device

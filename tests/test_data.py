@@ -21,8 +21,9 @@ from xmorpher.data import (
     synthesize_brain_subject,
 )
 from xmorpher.data.datasets import _rng, pair_indices
+from xmorpher.data.synth import random_velocity
 from xmorpher.errors import XMorpherError
-from xmorpher.framework import dice_per_label, jacobian_determinant, warp, warp_labels
+from xmorpher.framework import dice_per_label, identity_grid, jacobian_determinant, warp, warp_labels
 from xmorpher.train import Distributed, PairSampler
 
 nib = pytest.importorskip("nibabel")
@@ -282,8 +283,9 @@ def test_generalization_pairs_are_binned_by_size_and_their_labels_follow_the_def
         assert item["bin"] == index and low <= item["deformation_mm"] <= high
         assert item["moving"].shape == item["fixed"].shape == (1, 40, 48, 40)
         assert 0 <= item["moving"].min() and item["moving"].max() <= 1
-        # labels at half the image's voxel size, from the two label sets
-        assert item["fixed_labels"].shape == item["moving_labels_aseg"].shape == (1, 80, 96, 80)
+        # labels on the atlases' 1 mm grid, from the two label sets
+        assert item["fixed_labels"].shape == item["moving_labels_aseg"].shape == (1, 160, 192, 160)
+        assert item["fixed_labels"].dtype == torch.uint8
         assert int(item["fixed_labels"].max()) < 137 and int(item["fixed_labels_aseg"].max()) < 30
         moving, fixed = item["moving_labels_aseg"].long(), item["fixed_labels_aseg"].long()
         identity_dice.append(float(dice_per_label(moving, fixed).nanmean()))
@@ -294,9 +296,13 @@ def test_generalization_pairs_are_binned_by_size_and_their_labels_follow_the_def
         assert compose_displacements(psi, true_flow[0]).abs().max() < 0.01
         recovered = warp_labels(moving[None], pairs.to_label_grid(true_flow))[0]
         recovered_dice.append(float(dice_per_label(recovered, fixed).nanmean()))
+        batched = torch.utils.data.default_collate([item])
+        assert pairs.score(batched, true_flow)["aseg"] == pytest.approx(recovered_dice[-1], abs=1e-12)
+        assert pairs.score(batched, torch.zeros_like(true_flow))["aseg"] == pytest.approx(identity_dice[-1], abs=1e-12)
     assert identity_dice == sorted(identity_dice, reverse=True), "larger deformations must misalign more"
     assert identity_dice[0] > 0.85 and identity_dice[-1] < 0.75
-    assert all(r >= i for r, i in zip(recovered_dice, identity_dice)) and min(recovered_dice) > 0.8
+    # on 1 mm labels even the nearly aligned pair's motion is visible: the exact inverse gains there
+    assert all(r > i for r, i in zip(recovered_dice, identity_dice)) and min(recovered_dice) > 0.85
     assert torch.equal(item["moving"], pairs[len(pairs) - 1]["moving"])  # a pure function of the index
 
 
@@ -307,14 +313,35 @@ def test_flows_reach_the_label_grid_as_the_same_displacement_in_millimetres():
     shift = torch.zeros(1, 3, 40, 48, 40)
     shift[:, 1] = 0.75  # 3 mm along the second axis
     fine = pairs.to_label_grid(shift)
-    assert fine.shape == (1, 3, 80, 96, 80)
-    assert torch.allclose(fine[:, 1], torch.full_like(fine[:, 1], 1.5)) and fine[:, [0, 2]].abs().max() == 0
+    assert fine.shape == (1, 3, 160, 192, 160)
+    assert torch.allclose(fine[:, 1], torch.full_like(fine[:, 1], 3.0)) and fine[:, [0, 2]].abs().max() == 0
     ramp = torch.arange(40, dtype=torch.float32)[None, :, None, None].expand(1, 40, 48, 40) * 0.1
     linear = torch.cat([ramp[:, None], torch.zeros(1, 2, 40, 48, 40)], 1)
-    # a displacement linear in x (0.1 image voxel per voxel) is sampled exactly between the borders
-    x_fine = (torch.arange(80, dtype=torch.float32) - 0.5) / 2  # label voxel centres in image voxels
-    expected = 0.1 * x_fine * 2  # image voxels -> label voxels
-    assert torch.allclose(pairs.to_label_grid(linear)[0, 0, 2:-2, 0, 0], expected[2:-2], atol=1e-5)
+    # a displacement linear in x (0.1 image voxel per voxel) is sampled exactly between the borders,
+    # and held at the border values outside them
+    x_fine = (torch.arange(160, dtype=torch.float32) - 1.5) / 4  # label voxel centres in image voxels
+    expected = 0.1 * x_fine.clamp(0, 39) * 4  # image voxels -> label voxels
+    assert torch.allclose(pairs.to_label_grid(linear)[0, 0, :, 0, 0], expected, atol=1e-5)
+    # the same as warping the flow through the two grids' affines, trilinearly with border padding
+    random_flow = torch.randn(1, 3, 40, 48, 40)
+    centres = [(torch.arange(n, dtype=torch.float32) - 1.5) / 4 for n in (160, 192, 160)]
+    offset = torch.stack(torch.meshgrid(*centres, indexing="ij"))[None] - identity_grid((160, 192, 160))
+    assert torch.allclose(pairs.to_label_grid(random_flow), 4 * warp(random_flow, offset, padding_mode="border"), atol=1e-5)
+
+
+def test_mean_dice_counts_what_dice_per_label_counts():
+    from xmorpher.data.datasets import mean_dice
+
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        moving, fixed, warped = (torch.from_numpy(rng.integers(0, 9, (1, 1, 7, 6, 5))).to(torch.uint8) for _ in range(3))
+        moving[moving == 3] = 0  # a structure only some maps hold
+        fixed[fixed == 5] = 0
+        warped[warped == 7] = 0
+        fixed[fixed == 7] = 0  # 7: in moving only, absent from warped and fixed: left out
+        structures = sorted(set(torch.unique(torch.cat([moving.flatten(), fixed.flatten()])).tolist()) - {0})
+        expected = float(dice_per_label(warped.long(), fixed.long(), structures).nanmean())
+        assert mean_dice(warped, fixed, moving) == pytest.approx(expected, abs=1e-12)
 
 
 def test_training_deformation_sizes_span_the_scale_range_and_the_default_draws_nothing():
@@ -337,3 +364,42 @@ def test_subject_cache_is_bounded_and_returns_the_same_subjects():
         assert torch.equal(cached.subject(index)["image"], tiny.subject(index)["image"])
         assert len(tiny._cache) <= 2
     assert cached.subject(2) is cached.subject(2)
+
+
+def test_a_scale_range_of_one_value_scales_without_drawing():
+    shape = (12, 10, 8)
+    full = random_velocity(np.random.default_rng(3), shape, SPACING, DeformationParams())
+    half = random_velocity(np.random.default_rng(3), shape, SPACING, DeformationParams(scale_range=(0.5, 0.5)))
+    assert torch.equal(half, full * 0.5)
+
+
+def test_near_pairs_and_targets_leave_the_inter_subject_pairs_and_register_exactly():
+    plain = BrainPairs("train", 4, spacing_mm=SPACING)
+    data = BrainPairs("train", 4, spacing_mm=SPACING, near_pairs=0.5, targets=True)
+    assert len(plain) == 12 and len(data) == 24 and data.num_near_pairs == 12
+    assert len(BrainPairs("val", 4, spacing_mm=SPACING, near_pairs=0.5)) == 4  # only training gets near pairs
+    for index in (0, 7):  # the inter-subject pairs are the same pairs as without the options
+        item, same = data[index], plain[index]
+        assert all(torch.equal(item[key], same[key]) for key in ("moving", "fixed", "moving_labels", "fixed_labels"))
+    sizes = []
+    for index in (3, 12, 13, 17, 23):
+        item = data[index]
+        flow = item["true_flow"][None]
+        sizes.append(float(flow[0].norm(dim=0).mean()) * SPACING)
+        moving, fixed = item["moving_anatomy"][None], item["fixed_anatomy"][None]
+        before, after = (fixed - moving).abs().mean(), (fixed - warp(moving, flow)).abs().mean()
+        # the true flow aligns the two anatomies (up to interpolation, which dominates below 1 mm)
+        assert after < (0.5 if sizes[-1] > 1 else 1) * before < (fixed - warp(moving, -flow)).abs().mean(), item["name"]
+        labels_before = dice_per_label(item["moving_labels"][None], item["fixed_labels"][None]).nanmean()
+        labels_after = dice_per_label(warp_labels(item["moving_labels"][None], flow), item["fixed_labels"][None]).nanmean()
+        assert labels_after > labels_before or sizes[-1] < 0.5 * SPACING, item["name"]
+        if index >= 12:
+            # one subject seen twice: the fixed image is the subject, the moving one has its own appearance
+            subject = (index - 12) % 4
+            assert item["name"].startswith(f"train-{subject:03d}-near") and torch.equal(item["fixed"], data.subject(subject)["image"])
+            if sizes[-1] < 1:
+                assert (item["moving"] - item["fixed"]).abs().mean() > 3 * before
+    near_sizes = sizes[1:]
+    assert min(near_sizes) < 0.1 * max(near_sizes), "near pairs span nearly aligned to large"
+    assert sizes[0] > max(near_sizes[:-1]) or sizes[0] > 3  # inter-subject pairs are large
+    assert torch.equal(data[17]["moving"], BrainPairs("train", 4, spacing_mm=SPACING, near_pairs=0.5)[17]["moving"])

@@ -1,6 +1,7 @@
 """End to end on the CPU with the tiny preset: train, checkpoint, kill, resume (bit-exact), register,
-evaluate, bad inputs through the `xmorpher` command, every model name, semi-supervised training, and
-distributed data parallel with gloo on 2 processes matching one process with twice the batch."""
+evaluate, bad inputs through the `xmorpher` command, every model name, semi-supervised training,
+distributed data parallel with gloo on 2 processes matching one process with twice the batch, and the
+loss options only synthetic brains allow (appearance-free similarity, true-flow term, near pairs)."""
 
 import csv
 import json
@@ -19,6 +20,8 @@ from xmorpher.checkpoint import build_model_from_config, load_checkpoint
 from xmorpher.cli import main
 from xmorpher.config import load_config
 from xmorpher.data import ShapesPairs, save_volume
+from xmorpher.errors import XMorpherError
+from xmorpher.framework import warp
 from xmorpher.registration import register
 import xmorpher
 from xmorpher.train import train
@@ -231,3 +234,49 @@ def test_config_file_round_trips_every_hyperparameter(tmp_path, capsys):
     assert loaded.train.lr == 3e-4 and loaded.data.intensity.gamma_std == 0.5 and loaded.data.spacing_mm == 4.0
     (tmp_path / "my.json").write_text(json.dumps({"train": {"epochs": 3}, "model": {"name": "voxelmorph"}}))
     assert load_config(str(tmp_path / "my.json")).model.options() == {}
+
+
+def test_the_loss_can_compare_appearance_free_renderings_and_the_true_flow():
+    from xmorpher.framework import diffusion_loss, ncc_loss
+    from xmorpher.train import registration_losses
+
+    generator = torch.Generator().manual_seed(0)
+    anatomy = torch.rand(1, 1, 12, 10, 8, generator=generator)
+    true_flow = torch.randn(1, 3, 12, 10, 8, generator=generator)
+    flow = torch.randn(1, 3, 12, 10, 8, generator=generator)
+    # the network's images are unrelated noise; the anatomy is one and the same
+    batch = {"moving": torch.rand(1, 1, 12, 10, 8, generator=generator), "fixed": torch.rand(1, 1, 12, 10, 8, generator=generator),
+             "moving_anatomy": anatomy, "fixed_anatomy": anatomy, "true_flow": true_flow}
+    paper = registration_losses(load_config("brain-cpu", ["train.similarity_images=input"]).train, batch, flow, None)
+    assert paper["similarity"] == ncc_loss(batch["fixed"], warp(batch["moving"], flow)) and "flow_error" not in paper
+    assert paper["loss"] == paper["similarity"] + diffusion_loss(flow)
+    train_config = load_config("brain-cpu", ["train.similarity_images=anatomy", "train.flow_weight=0.5", "train.similarity_weight=2",
+                                             "train.diffusion_weight=0.25"]).train
+    terms = registration_losses(train_config, batch, flow, None)
+    assert terms["similarity"] == ncc_loss(anatomy, warp(anatomy, flow))
+    assert torch.allclose(terms["flow_error"], (flow - true_flow).norm(dim=1).mean(), rtol=1e-5)
+    assert torch.allclose(terms["loss"], 2 * terms["similarity"] + 0.25 * terms["diffusion"] + 0.5 * terms["flow_error"])
+    at_truth = registration_losses(train_config, batch, true_flow, None)
+    assert at_truth["flow_error"] == pytest.approx(1e-3)  # the end-point error, smoothed at 0
+
+
+def test_synthetic_only_options_need_the_brains_and_weights_are_checked():
+    for setting in ("train.flow_weight=1", "train.similarity_images=anatomy", "data.near_pairs=0.2"):
+        with pytest.raises(XMorpherError, match="built-in brains"):
+            load_config("tiny", [setting])
+    for setting, message in (("train.flow_weight=-1", "flow_weight"), ("data.near_pairs=1", "near_pairs"),
+                             ("data.near_pair_scale_range=[0, 1]", "near_pair_scale_range"), ("train.similarity_images=both", "similarity_images")):
+        with pytest.raises(XMorpherError, match=message):
+            load_config("brain-cpu", [setting])
+
+
+def test_training_on_near_pairs_with_the_true_flow_logs_its_error(tmp_path):
+    config = load_config("brain-cpu", [
+        "data.spacing_mm=8.0", "data.train_subjects=3", "data.val_subjects=2", "data.test_subjects=2", "data.near_pairs=0.5",
+        "train.similarity_images=anatomy", "train.flow_weight=1.0", "train.epochs=1", "train.steps_per_epoch=3",
+        "train.log_every=1", "train.threads=1",
+        'model.xmorpher={"embed_dim": 8, "depths": [1, 1], "num_heads": [1, 2], "head_channels": 8}',
+    ])
+    train(config, str(tmp_path / "near"), progress=False)
+    rows = [row for row in log_rows(str(tmp_path / "near")) if row["flow_error"]]
+    assert len(rows) == 3 and all(float(row["flow_error"]) > 0 for row in rows)

@@ -56,7 +56,7 @@ def generator(seed: int = 0) -> torch.Generator:
 
 # (shape, options): small volumes that still cover every path of the kernels.
 CASES = {
-    # The spec's worked example: 4^3 volume, window 2, search 6 (two windows packed per tile).
+    # The contract's worked example: 4^3 volume, window 2, search 6 (two windows packed per tile).
     "paper_geometry": ((1, 4, 4, 4, 2, 16), dict(window_size=2)),
     # Partial windows on every axis, odd head_dim, B > 1, bias and constant padding.
     "partial_bias_constant": ((2, 3, 5, 7, 1, 5), dict(window_size=2, padding="constant", bias=True)),

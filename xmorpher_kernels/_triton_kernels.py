@@ -285,7 +285,7 @@ def _in_key_box(kz, ky, kx, oz, oy, ox, WINDOW, SEARCH):
 
 @triton.jit
 def _bias_coordinate(z, y, x, WINDOW, SEARCH):
-    # The flat rel_pos_bias index of offset d = key - query (spec, step 3) is linear in d:
+    # The flat rel_pos_bias index of offset d = key - query (docs/contract.md, step 3) is linear in d:
     # ((dz + cz) * EY + dy + cy) * EX + dx + cx = coord(key) - coord(query) + coord(c),
     # c = l + w - 1, so a pair's index costs one subtraction.
     return (z * (SEARCH[1] + WINDOW[1] - 1) + y) * (SEARCH[2] + WINDOW[2] - 1) + x
