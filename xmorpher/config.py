@@ -43,6 +43,11 @@ class DataConfig:
     normalization: str = "percentile"  # nifti and register: percentile, minmax, zscore or none
     deformation: DeformationParams = field(default_factory=DeformationParams)
     intensity: IntensityParams = field(default_factory=IntensityParams)
+    # brain: fraction of training pairs that are one subject seen twice with two appearances, the
+    # second time further deformed by a training deformation scaled by a factor drawn
+    # log-uniformly from near_pair_scale_range (0: inter-subject pairs only, the paper's data)
+    near_pairs: float = 0.0
+    near_pair_scale_range: list = field(default_factory=lambda: [0.01, 1.0])
 
 
 def option_table(name: str) -> str:
@@ -86,7 +91,15 @@ class TrainConfig:
     mode: str = "unsupervised"  # unsupervised: similarity + diffusion; semi-supervised: + Dice on labels
     similarity: str = "ncc"  # ncc (local, window ncc_window) or mse
     ncc_window: int = 9
+    # what the similarity compares: "input", the images the network sees (the paper), or "anatomy",
+    # the pair rendered with the template's own intensities (brain data only): then no appearance
+    # change (bias, gamma, contrast, blur, noise) can be explained by motion
+    similarity_images: str = "input"
+    similarity_weight: float = 1.0
     diffusion_weight: float = 1.0  # lambda of the diffusion regulariser
+    # weight of the squared end-point error (voxels^2, mean over voxels) to the pair's true
+    # displacement, which synthetic brain pairs know; 0: unsupervised, as the paper
+    flow_weight: float = 0.0
     dice_weight: float = 1.0  # semi-supervised only
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -236,6 +249,7 @@ def validate(config: Config) -> None:
         "model.name": (config.model.name, MODEL_NAMES),
         "train.mode": (config.train.mode, ("unsupervised", "semi-supervised")),
         "train.similarity": (config.train.similarity, ("ncc", "mse")),
+        "train.similarity_images": (config.train.similarity_images, ("input", "anatomy")),
         "train.scheduler": (config.train.scheduler, ("constant", "cosine")),
         "train.amp": (config.train.amp, ("auto", "bf16", "fp16", "off")),
         "evaluate.split": (config.evaluate.split, ("train", "val", "test")),
@@ -251,6 +265,19 @@ def validate(config: Config) -> None:
     for key, value in positive.items():
         if not value > 0:
             raise XMorpherError(f"config key '{key}' must be positive, got {value}")
+    for key, value in {"train.similarity_weight": config.train.similarity_weight, "train.diffusion_weight": config.train.diffusion_weight,
+                       "train.flow_weight": config.train.flow_weight}.items():
+        if not value >= 0:
+            raise XMorpherError(f"config key '{key}' must be >= 0, got {value}")
+    if not 0 <= config.data.near_pairs < 1:
+        raise XMorpherError(f"config key 'data.near_pairs' is a fraction in [0, 1), got {config.data.near_pairs}")
+    if len(config.data.near_pair_scale_range) != 2 or not 0 < config.data.near_pair_scale_range[0] <= config.data.near_pair_scale_range[1]:
+        raise XMorpherError(f"config key 'data.near_pair_scale_range' must be [low, high] with 0 < low <= high, got {config.data.near_pair_scale_range}")
+    synthetic_only = {"data.near_pairs": config.data.near_pairs > 0, "train.flow_weight": config.train.flow_weight > 0,
+                      "train.similarity_images = 'anatomy'": config.train.similarity_images == "anatomy"}
+    for key, used in synthetic_only.items():
+        if used and config.data.source != "brain":
+            raise XMorpherError(f"{key} needs the built-in brains (data.source = 'brain'), which know each pair's anatomy; got '{config.data.source}'")
     if config.data.source == "nifti" and not config.data.pairs_file:
         raise XMorpherError("data.source = 'nifti' needs data.pairs_file (a pairs CSV or a Learn2Reg JSON)")
 

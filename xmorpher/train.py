@@ -1,4 +1,6 @@
-"""Training loop: unsupervised (similarity + lambda * diffusion) or semi-supervised (+ Dice) registration.
+"""Training loop: unsupervised (similarity + lambda * diffusion) or semi-supervised (+ Dice) registration,
+on synthetic brains optionally with the similarity on appearance-free renderings and a term on the
+pairs' known true flow.
 
 One process or many (torchrun: NCCL on GPUs, gloo on CPUs). Resumable exactly: the order of
 training pairs is a function of (seed, epoch), the pairs themselves of their index, and checkpoints
@@ -40,7 +42,7 @@ from .errors import XMorpherError, registration_extra
 from .framework import dice_loss, dice_per_label, diffusion_loss, mse_loss, ncc_loss, warp, warp_labels
 from .runtime import Distributed, all_gather_objects, all_reduce_sum_, autocast_dtype, data_parallel, init_distributed, resolve_device
 
-LOG_FIELDS = ("step", "epoch", "loss", "similarity", "diffusion", "dice_loss", "lr", "pairs_per_s", "val_dice", "val_similarity")
+LOG_FIELDS = ("step", "epoch", "loss", "similarity", "diffusion", "flow_error", "dice_loss", "lr", "pairs_per_s", "val_dice", "val_similarity")
 
 
 class PairSampler(Sampler):
@@ -88,12 +90,24 @@ def similarity_loss(train: TrainConfig, fixed: torch.Tensor, warped: torch.Tenso
     return mse_loss(fixed, warped)
 
 
+def needs_targets(train: TrainConfig) -> bool:
+    """Whether the loss uses what only synthetic pairs know (true flow, appearance-free renderings)."""
+    return train.similarity_images == "anatomy" or train.flow_weight > 0
+
+
 def registration_losses(train: TrainConfig, batch: dict, flow: torch.Tensor, num_labels: Optional[int]) -> dict:
     """The loss terms of one batch; `loss` is their weighted sum."""
     flow = flow.float()
-    similarity = similarity_loss(train, batch["fixed"], warp(batch["moving"], flow))
+    # "anatomy": the renderings without appearance changes, so that only anatomy can be matched
+    fixed, moving = (batch["fixed"], batch["moving"]) if train.similarity_images == "input" else (batch["fixed_anatomy"], batch["moving_anatomy"])
+    similarity = similarity_loss(train, fixed, warp(moving, flow))
     diffusion = diffusion_loss(flow)
-    terms = {"similarity": similarity, "diffusion": diffusion, "loss": similarity + train.diffusion_weight * diffusion}
+    loss = train.similarity_weight * similarity + train.diffusion_weight * diffusion
+    terms = {"similarity": similarity, "diffusion": diffusion, "loss": loss}
+    if train.flow_weight > 0:
+        flow_error = ((flow - batch["true_flow"].float()) ** 2).sum(1).mean()
+        terms["flow_error"] = flow_error
+        terms["loss"] = terms["loss"] + train.flow_weight * flow_error
     if train.mode == "semi-supervised":
         if "moving_labels" not in batch:
             raise XMorpherError("train.mode = 'semi-supervised' needs label maps for the training pairs")
@@ -326,7 +340,7 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
     dist_info = init_distributed()
     last_path, best_path = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "best.pt")
     config, payload = _open_run(config, out_dir, resume, dist_info)
-    train_set, val_set = make_dataset(config.data, "train"), make_dataset(config.data, "val")
+    train_set, val_set = make_dataset(config.data, "train", targets=needs_targets(config.train)), make_dataset(config.data, "val")
     state = _set_up(config, dist_info, list(getattr(train_set, "label_names", None) or []), payload, last_path)
     log = CsvLog(os.path.join(out_dir, "log.csv"), state.step if resume else None) if dist_info.main else None
     board = _tensorboard(out_dir) if dist_info.main else None

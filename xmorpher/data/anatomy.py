@@ -157,6 +157,20 @@ def _group_labels(freesurfer: np.ndarray, affine: np.ndarray, label_set: str) ->
     return out, tuple(names)
 
 
+@functools.lru_cache(maxsize=8)
+def load_brain_labels(spacing: float = 2.0, label_set: str = "aseg") -> tuple[np.ndarray, tuple]:
+    """A label set resampled onto the working grid (nearest neighbour; cached): (labels int64 in
+    [0, len(names)), names with names[0] = "background")."""
+    import nibabel as nib
+
+    shape, affine = working_grid(spacing)
+    if label_set == "neuromorphometrics":
+        atlas = _resample(nib.load(packaged_file(*NEUROMORPHOMETRICS_FILE)), shape, affine, order=0)
+        return _consecutive_labels(atlas, NEUROMORPHOMETRICS_NAMES_FILE)
+    freesurfer = _resample(nib.load(packaged_file(*ATLAS_FILE)), shape, affine, order=0)
+    return _group_labels(freesurfer, affine, label_set)
+
+
 @functools.lru_cache(maxsize=4)
 def load_brain_template(spacing: float = 2.0, label_set: str = "aseg") -> BrainTemplate:
     """The MNI template, tissue maps and labels resampled onto the working grid (cached)."""
@@ -168,12 +182,7 @@ def load_brain_template(spacing: float = 2.0, label_set: str = "aseg") -> BrainT
     t1 = np.clip(t1 / np.percentile(t1[t1 > 0], 99.5), 0, 1).astype(np.float32)
     gm = np.clip(_resample(nib.load(packaged_file(*GM_FILE)), shape, affine, order=1) / 255.0, 0, 1)
     wm = np.clip(_resample(nib.load(packaged_file(*WM_FILE)), shape, affine, order=1) / 255.0, 0, 1)
-    if label_set == "neuromorphometrics":
-        atlas = _resample(nib.load(packaged_file(*NEUROMORPHOMETRICS_FILE)), shape, affine, order=0)
-        labels, names = _consecutive_labels(atlas, NEUROMORPHOMETRICS_NAMES_FILE)
-    else:
-        freesurfer = _resample(nib.load(packaged_file(*ATLAS_FILE)), shape, affine, order=0)
-        labels, names = _group_labels(freesurfer, affine, label_set)
+    labels, names = load_brain_labels(spacing, label_set)
     return BrainTemplate(
         t1=t1, gm=gm.astype(np.float32), wm=wm.astype(np.float32), labels=labels,
         label_names=names, affine=affine, spacing=float(spacing),

@@ -13,6 +13,7 @@ import csv
 import json
 import os
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -20,8 +21,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import XMorpherError
-from ..framework import identity_grid, warp, warp_labels
-from .anatomy import BrainTemplate, load_brain_template
+from ..framework import integrate_velocity, warp, warp_labels
+from .anatomy import BrainTemplate, load_brain_labels, load_brain_template, working_grid
 from .nifti import load_volume, normalize_intensity
 from .synth import (
     DeformationParams,
@@ -32,6 +33,7 @@ from .synth import (
     label_intensity_factors,
     random_deformation,
     random_free_form_deformation,
+    random_velocity,
     smooth_noise,
     warp_subject,
 )
@@ -83,17 +85,22 @@ def synthesize_brain_subject(
     rng: np.random.Generator,
     deformation: DeformationParams,
     intensity: IntensityParams,
+    displacement: Optional[torch.Tensor] = None,
 ) -> dict:
     """One random subject: the template with random per-label and per-tissue intensities, warped by a
-    random diffeomorphism, then bias, gamma, blur and noise. Returns image (1, D, H, W), labels
-    (D, H, W) and the displacement (3, D, H, W) that produced them (voxels)."""
+    random diffeomorphism ``exp(v)``, then bias, gamma, blur and noise. Returns image (1, D, H, W),
+    labels (D, H, W), the displacement (3, D, H, W) that produced them and its velocity ``v``
+    (voxels). Given a ``displacement``, that anatomy gets a random appearance (no velocity drawn)."""
     labels = torch.from_numpy(template.labels)
     image = _brain_image(template, rng, intensity.tissue_contrast)
     image = image * label_intensity_factors(rng, len(template.label_names), intensity.label_contrast)[labels]
-    displacement = random_deformation(rng, labels.shape, template.spacing, deformation)
+    velocity = None
+    if displacement is None:
+        velocity = random_velocity(rng, labels.shape, template.spacing, deformation)
+        displacement = integrate_velocity(velocity[None], deformation.integration_steps)[0]
     image, labels = warp_subject(image, labels, displacement)
     image = augment_intensity(rng, image, template.spacing, intensity)
-    return {"image": image, "labels": labels, "displacement": displacement}
+    return {"image": image, "labels": labels, "displacement": displacement, "velocity": velocity}
 
 
 class BrainPairs(Dataset):
@@ -101,6 +108,18 @@ class BrainPairs(Dataset):
 
     Split `train` holds every ordered pair of its `num_subjects` subjects; `val` and `test` pair each
     subject with the next one. Subjects of different splits come from disjoint seeds.
+
+    ``near_pairs`` > 0 adds that fraction of training pairs that are one subject seen twice: the
+    subject as the fixed image, and as the moving image the same anatomy further deformed by a
+    training deformation whose velocity is scaled by a factor drawn log-uniformly from
+    ``near_pair_scale_range`` (from about the identity to full size), painted with its own random
+    appearance. They teach what inter-subject pairs never show: nearly aligned anatomy under two
+    appearances needs (almost) no motion.
+
+    ``targets`` adds what only synthetic data knows: ``true_flow`` (3, D, H, W), the displacement
+    (voxels) that registers the pair exactly, and ``moving_anatomy`` / ``fixed_anatomy``
+    (1, D, H, W), the two anatomies rendered with the template's own intensities, without any
+    appearance change (see ``train.similarity_images`` and ``train.flow_weight``).
     """
 
     def __init__(
@@ -113,31 +132,56 @@ class BrainPairs(Dataset):
         seed: int = 0,
         deformation: DeformationParams = DeformationParams(),
         intensity: IntensityParams = IntensityParams(),
+        near_pairs: float = 0.0,
+        near_pair_scale_range: Sequence[float] = (0.01, 1.0),
+        targets: bool = False,
         cache_mb: float = 512.0,
     ) -> None:
         if num_subjects < 2:
             raise XMorpherError(f"a {split} split needs at least 2 subjects, got {num_subjects}")
+        if not 0 <= near_pairs < 1:
+            raise XMorpherError(f"near_pairs is a fraction of the training pairs in [0, 1), got {near_pairs}")
+        low, high = near_pair_scale_range
+        if not 0 < low <= high:
+            raise XMorpherError(f"near_pair_scale_range must satisfy 0 < low <= high, got {tuple(near_pair_scale_range)}")
         _rng(seed, "brain", split, 0)  # validates the split name
         self.split, self.num_subjects, self.seed = split, num_subjects, seed
         self.template = load_brain_template(spacing_mm, label_set)
         self.deformation, self.intensity = deformation, intensity
+        self.near_deformation = replace(deformation, scale_range=tuple(near_pair_scale_range))
+        self.targets = targets
         self.label_names = self.template.label_names
+        inter_subject = num_subjects * (num_subjects - 1)
+        self.num_near_pairs = round(near_pairs / (1 - near_pairs) * inter_subject) if split == "train" else 0
         # Every training pair draws two of a few dozen subjects, and making one costs about a third
         # of a small model's training step: the most recently used ones stay in memory (about 0.9 MB
-        # each at 4 mm, 7.4 MB at 2 mm).
+        # each at 4 mm, 7.4 MB at 2 mm; with targets, 2.7 and 22 MB).
         self.cache_bytes = int(cache_mb * 2**20)
         self._cache: OrderedDict[int, dict] = OrderedDict()
 
     def __len__(self) -> int:
-        return self.num_subjects * (self.num_subjects - 1) if self.split == "train" else self.num_subjects
+        if self.split != "train":
+            return self.num_subjects
+        return self.num_subjects * (self.num_subjects - 1) + self.num_near_pairs
+
+    def _anatomy(self, displacement: torch.Tensor) -> torch.Tensor:
+        """The template's own T1 (no appearance change) warped by ``displacement``: (1, D, H, W)."""
+        return warp(torch.from_numpy(self.template.t1)[None, None], displacement[None])[0]
 
     def subject(self, index: int) -> dict:
-        """Subject `index` of this split: image (1, D, H, W) and labels (D, H, W), cached."""
+        """Subject `index` of this split: image (1, D, H, W) and labels (D, H, W), with near pairs or
+        targets its displacement, with targets also its inverse's and its anatomy; cached."""
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
         made = synthesize_brain_subject(self.template, _rng(self.seed, "brain", self.split, index), self.deformation, self.intensity)
         subject = {"image": made["image"], "labels": made["labels"]}
+        if self.targets or self.num_near_pairs:
+            subject["displacement"] = made["displacement"]  # near pairs deform this anatomy further
+        if self.targets:
+            # exp(v)'s inverse is exp(-v): exact, no fixed-point iteration
+            inverse = integrate_velocity(-made["velocity"][None], self.deformation.integration_steps)[0]
+            subject.update(inverse=inverse, anatomy=self._anatomy(made["displacement"]))
         size = sum(value.numel() * value.element_size() for value in subject.values())
         while self._cache and size * (len(self._cache) + 1) > self.cache_bytes:
             self._cache.popitem(last=False)
@@ -145,20 +189,78 @@ class BrainPairs(Dataset):
             self._cache[index] = subject
         return subject
 
+    def _near_pair(self, index: int) -> dict:
+        """Near pair ``index`` (counted from the first one): a subject, and its anatomy further deformed
+        and painted anew as the moving image."""
+        view, i = divmod(index, self.num_subjects)
+        fixed = self.subject(i)
+        rng = _rng(self.seed, "brain", self.split, i, part=1 + view)
+        velocity = random_velocity(rng, fixed["labels"].shape, self.template.spacing, self.near_deformation)
+        further = integrate_velocity(velocity[None], self.deformation.integration_steps)[0]
+        anatomy = compose_displacements(fixed["displacement"], further)
+        moving = synthesize_brain_subject(self.template, rng, self.deformation, self.intensity, displacement=anatomy)
+        spacing = (self.template.spacing,) * 3
+        item = _labelled_item(moving["image"], fixed["image"], moving["labels"], fixed["labels"], spacing, f"{self.split}-{i:03d}-near{view}")
+        if self.targets:
+            # moving = fixed o (id + further): the inverse of the further deformation registers it
+            item["true_flow"] = integrate_velocity(-velocity[None], self.deformation.integration_steps)[0]
+            item["moving_anatomy"], item["fixed_anatomy"] = self._anatomy(anatomy), fixed["anatomy"]
+        return item
+
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(index)
+        inter_subject = self.num_subjects * (self.num_subjects - 1) if self.split == "train" else self.num_subjects
+        if index >= inter_subject:
+            return self._near_pair(index - inter_subject)
         i, j = pair_indices(self.split, self.num_subjects, index)
         moving, fixed = self.subject(i), self.subject(j)
         spacing = (self.template.spacing,) * 3
-        return _labelled_item(
+        item = _labelled_item(
             moving["image"], fixed["image"], moving["labels"], fixed["labels"], spacing, f"{self.split}-{i:03d}-{j:03d}"
         )
+        if self.targets:
+            # fixed voxel x shows template point x + d_j(x), which the moving subject shows at
+            # exp(-v_i)(x + d_j(x))
+            item["true_flow"] = compose_displacements(moving["inverse"], fixed["displacement"])
+            item["moving_anatomy"], item["fixed_anatomy"] = moving["anatomy"], fixed["anatomy"]
+        return item
 
 
 # Deformation sizes (mean displacement over the brain, mm) of the generalization bins: from nearly
 # aligned (under a quarter of a 4 mm voxel on average) to large (about what training pairs see).
 GENERALIZATION_BINS_MM = ((0.25, 1.0), (1.0, 2.0), (2.0, 4.0), (4.0, 8.0))
+
+# The generalization labels' grid: the atlases' native 1 mm (aseg's; Neuromorphometrics' 1.5 mm
+# labels are resampled onto it), where a sub-millimetre deformation moves label boundaries.
+GENERALIZATION_LABEL_SPACING_MM = 1.0
+
+
+def linear_interpolation_matrix(size: int, coordinates: np.ndarray) -> torch.Tensor:
+    """Weights (len(coordinates), size) that interpolate a signal sampled at 0 .. size - 1 linearly
+    at ``coordinates``, clamped to the end samples outside that range (as border padding)."""
+    position = np.clip(coordinates, 0, size - 1)
+    lower = np.minimum(np.floor(position).astype(int), max(size - 2, 0))
+    fraction = position - lower
+    weights = np.zeros((len(position), size), np.float32)
+    rows = np.arange(len(position))
+    np.add.at(weights, (rows, lower), 1 - fraction)
+    np.add.at(weights, (rows, np.minimum(lower + 1, size - 1)), fraction)
+    return torch.from_numpy(weights)
+
+
+def mean_dice(warped: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> float:
+    """Mean Dice of two integer label maps over the structures (non-zero labels) present in
+    ``moving`` or ``fixed``, a structure absent from both ``warped`` and ``fixed`` left out: what
+    ``dice_per_label(warped, fixed, those structures).nanmean()`` gives, counted with three
+    histograms instead of a pass per structure (a 1 mm brain has 5 M voxels and 136 structures)."""
+    warped, fixed, moving = (m.flatten().long() for m in (warped, fixed, moving))
+    count = int(max(warped.max(), fixed.max(), moving.max())) + 1
+    present = (torch.bincount(moving, minlength=count) + torch.bincount(fixed, minlength=count))[1:] > 0
+    total = (torch.bincount(warped, minlength=count) + torch.bincount(fixed, minlength=count))[1:].double()
+    overlap = torch.bincount(warped[warped == fixed], minlength=count)[1:].double()
+    scored = present & (total > 0)
+    return float((2 * overlap[scored] / total[scored]).mean()) if scored.any() else float("nan")
 
 
 class GeneralizationPairs(Dataset):
@@ -172,14 +274,17 @@ class GeneralizationPairs(Dataset):
     are not painted by an atlas).
 
     Labels come from ``label_sets`` (the first is ``moving_labels`` / ``fixed_labels``, the others
-    ``moving_labels_<set>`` / ``fixed_labels_<set>``, int16); the default, Neuromorphometrics, is a
+    ``moving_labels_<set>`` / ``fixed_labels_<set>``, uint8); the default, Neuromorphometrics, is a
     labelling no model is trained or selected on. They lie on a finer grid than the images
-    (``label_spacing_mm``, half the image's voxel by default), as a user's label maps at scan
-    resolution would: on the image's own grid a deformation under half a voxel moves no label, so
-    even the true deformation could not raise Dice on nearly aligned pairs. Score a flow with
-    :meth:`to_label_grid`. Items add ``deformation_mm`` (the mean length of ``psi`` over the brain)
-    and ``bin`` (its index in ``bins_mm``). Pair ``k`` is in bin ``k // pairs_per_bin``; items are
-    pure functions of (seed, index), from seeds no other data uses.
+    (``label_spacing_mm``, the atlases' native 1 mm by default), as a user's label maps at scan
+    resolution would: a label map moves only where a deformation carries a boundary past a voxel
+    centre, and every warp of a map rounds positions to its voxels, so on a coarse label grid the
+    rounding hides sub-voxel motion (with 2 mm labels even the exact inverse deformation gains
+    +0.002 Dice on nearly aligned pairs; with 1 mm labels, about +0.04). :meth:`score` warps the
+    moving labels by a flow (resampled onto the label grid, nearest neighbour) and returns each
+    set's mean Dice. Items add ``deformation_mm`` (the mean length of ``psi`` over the brain) and
+    ``bin`` (its index in ``bins_mm``). Pair ``k`` is in bin ``k // pairs_per_bin``; items are pure
+    functions of (seed, index), from seeds no other data uses.
     """
 
     def __init__(
@@ -187,7 +292,7 @@ class GeneralizationPairs(Dataset):
         pairs_per_bin: int,
         *,
         spacing_mm: float = 2.0,
-        label_spacing_mm: Optional[float] = None,
+        label_spacing_mm: float = GENERALIZATION_LABEL_SPACING_MM,
         label_sets: Sequence[str] = ("neuromorphometrics", "aseg"),
         bins_mm: Sequence[Sequence[float]] = GENERALIZATION_BINS_MM,
         seed: int = 0,
@@ -204,17 +309,21 @@ class GeneralizationPairs(Dataset):
         self.bins_mm = tuple((float(low), float(high)) for low, high in bins_mm)
         self.label_sets = tuple(label_sets)
         self.template = load_brain_template(spacing_mm)  # the images
-        self.label_templates = {name: load_brain_template(label_spacing_mm or spacing_mm / 2, name) for name in self.label_sets}
-        fine = self.label_templates[self.label_sets[0]]
-        self.label_names = fine.label_names
-        # coordinates of the label grid's voxel centres in the image grid's voxels (both grids are
-        # axis-aligned over one MNI box), and how many label voxels one image voxel spans
-        to_image = np.linalg.inv(self.template.affine) @ fine.affine
-        self._label_coordinates = torch.stack(torch.meshgrid(
-            *[torch.arange(n, dtype=torch.float32) * float(to_image[a, a]) + float(to_image[a, 3]) for a, n in enumerate(fine.labels.shape)],
-            indexing="ij",
-        ))[None]
-        self._label_voxels_per_image_voxel = self.template.spacing / fine.spacing
+        label_sets = {name: load_brain_labels(label_spacing_mm, name) for name in self.label_sets}
+        if max(len(names) for _, names in label_sets.values()) > 256:
+            raise XMorpherError("generalization label sets are stored as uint8: at most 255 structures")
+        self.label_names = label_sets[self.label_sets[0]][1]
+        self._label_maps = {name: torch.from_numpy(labels.astype(np.uint8))[None, None] for name, (labels, _) in label_sets.items()}
+        # Both grids are axis-aligned over one MNI box: a flow reaches the label grid through one
+        # linear interpolation matrix per axis (label voxel centres in image voxels), its values
+        # scaled from image voxels to label voxels.
+        label_shape, label_affine = working_grid(label_spacing_mm)
+        to_image = np.linalg.inv(self.template.affine) @ label_affine
+        self._interpolation = [
+            linear_interpolation_matrix(self.template.t1.shape[a], np.arange(n) * to_image[a, a] + to_image[a, 3])
+            for a, n in enumerate(label_shape)
+        ]
+        self._label_voxels_per_image_voxel = self.template.spacing / label_spacing_mm
         self.subject_size_mm, self.free_form, self.intensity = tuple(subject_size_mm), free_form, intensity
         self.brain = self.template.t1 > 0.1  # where deformation sizes are measured
 
@@ -226,10 +335,24 @@ class GeneralizationPairs(Dataset):
 
     def to_label_grid(self, flow: torch.Tensor) -> torch.Tensor:
         """A displacement (B, 3, D, H, W) on the image grid, in image voxels, resampled trilinearly
-        onto the label grid, in label voxels: what warps the label maps."""
-        coordinates = self._label_coordinates.to(flow.device, flow.dtype).expand(flow.shape[0], -1, -1, -1, -1)
-        offset = coordinates - identity_grid(coordinates.shape[2:], device=flow.device, dtype=flow.dtype)
-        return warp(flow, offset, padding_mode="border") * self._label_voxels_per_image_voxel
+        (border values outside) onto the label grid, in label voxels: what warps the label maps."""
+        depth, height, width = (m.to(flow.device, flow.dtype) for m in self._interpolation)
+        fine = torch.einsum("ck,nzijk->nzijc", width, flow)
+        fine = torch.einsum("bj,nzijc->nzibc", height, fine)
+        fine = torch.einsum("ai,nzibc->nzabc", depth, fine)
+        return fine.contiguous() * self._label_voxels_per_image_voxel
+
+    def score(self, item: dict, flow: torch.Tensor) -> dict:
+        """Mean Dice of each label set on pair ``item`` (batched as one pair) registered by ``flow``
+        (1, 3, D, H, W) on the image grid: the moving labels warped on their own grid, nearest
+        neighbour, by the flow taken there. {label set: Dice}."""
+        fine = self.to_label_grid(flow.float())
+        scores = {}
+        for position, name in enumerate(self.label_sets):
+            suffix = "" if position == 0 else f"_{name}"
+            moving, fixed = item["moving_labels" + suffix], item["fixed_labels" + suffix]
+            scores[name] = mean_dice(warp_labels(moving, fine), fixed, moving)
+        return scores
 
     def displacements(self, index: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(the subject's phi, the further deformation psi, the mean length of psi over the brain in
@@ -267,8 +390,8 @@ class GeneralizationPairs(Dataset):
             image = warp(_brain_image(self.template, rng, self.intensity.tissue_contrast)[None], flow[None])[0]
             images[role] = augment_intensity(rng, image, self.template.spacing, self.intensity)
             fine_flow = self.to_label_grid(flow[None])
-            for name, template in self.label_templates.items():
-                labels[role, name] = warp_labels(torch.from_numpy(template.labels)[None, None], fine_flow)[0].short()
+            for name, label_map in self._label_maps.items():
+                labels[role, name] = warp_labels(label_map, fine_flow)[0]
         item = {
             "moving": images["moving"], "fixed": images["fixed"], "spacing": torch.tensor((self.template.spacing,) * 3, dtype=torch.float64),
             "name": f"free-form-bin{self.bin_of(index)}-{index:03d}", "deformation_mm": size, "bin": self.bin_of(index),
@@ -430,13 +553,17 @@ class NiftiPairs(Dataset):
         )
 
 
-def make_dataset(data, split: str) -> Dataset:
-    """The `split` pairs described by a DataConfig (see xmorpher.config)."""
+def make_dataset(data, split: str, *, targets: bool = False) -> Dataset:
+    """The `split` pairs described by a DataConfig (see xmorpher.config); ``targets``: with each
+    pair's true flow and appearance-free renderings (built-in brains only)."""
+    if targets and data.source != "brain":
+        raise XMorpherError(f"true flows and appearance-free renderings exist only for the built-in brains, not data.source = '{data.source}'")
     if data.source == "brain":
         subjects = {"train": data.train_subjects, "val": data.val_subjects, "test": data.test_subjects}[split]
         return BrainPairs(
             split, subjects, spacing_mm=data.spacing_mm, label_set=data.label_set, seed=data.seed,
-            deformation=data.deformation, intensity=data.intensity,
+            deformation=data.deformation, intensity=data.intensity, near_pairs=data.near_pairs,
+            near_pair_scale_range=data.near_pair_scale_range, targets=targets,
         )
     if data.source == "shapes":
         pairs = {"train": data.shapes_train_pairs, "val": data.shapes_val_pairs, "test": data.shapes_test_pairs}[split]

@@ -32,8 +32,8 @@ class DeformationParams:
     velocity_std_mm: Sequence[float] = (4.0, 2.0, 1.0)
     integration_steps: int = 7
     # Each subject's velocity is multiplied by a factor drawn log-uniformly from this range, so that
-    # the deformation sizes of training pairs span nearly aligned to large; (1, 1) draws nothing
-    # (and keeps the subjects of earlier versions).
+    # the deformation sizes of training pairs span nearly aligned to large; a range of one value
+    # draws nothing ((1, 1) keeps the subjects of earlier versions).
     scale_range: Sequence[float] = (1.0, 1.0)
 
 
@@ -79,8 +79,8 @@ def random_velocity(
     low, high = params.scale_range
     if not 0 < low <= high:
         raise ValueError(f"scale_range must satisfy 0 < low <= high, got {tuple(params.scale_range)}")
-    if low < high:
-        velocity *= float(np.exp(rng.uniform(np.log(low), np.log(high))))
+    # a range of one value draws nothing (so (1, 1) keeps the subjects of earlier versions)
+    velocity *= float(np.exp(rng.uniform(np.log(low), np.log(high)))) if low < high else float(low)
     return velocity
 
 
