@@ -329,19 +329,28 @@ def test_flows_reach_the_label_grid_as_the_same_displacement_in_millimetres():
     assert torch.allclose(pairs.to_label_grid(random_flow), 4 * warp(random_flow, offset, padding_mode="border"), atol=1e-5)
 
 
-def test_mean_dice_counts_what_dice_per_label_counts():
-    from xmorpher.data.datasets import mean_dice
-
+def test_dice_per_label_counts_what_a_pass_per_structure_counts():
+    """The histogram count against the definition, structure by structure, on maps where some
+    structures are absent from one map or from both (NaN), with a batch of two."""
     rng = np.random.default_rng(4)
     for _ in range(5):
-        moving, fixed, warped = (torch.from_numpy(rng.integers(0, 9, (1, 1, 7, 6, 5))).to(torch.uint8) for _ in range(3))
-        moving[moving == 3] = 0  # a structure only some maps hold
-        fixed[fixed == 5] = 0
-        warped[warped == 7] = 0
-        fixed[fixed == 7] = 0  # 7: in moving only, absent from warped and fixed: left out
-        structures = sorted(set(torch.unique(torch.cat([moving.flatten(), fixed.flatten()])).tolist()) - {0})
-        expected = float(dice_per_label(warped.long(), fixed.long(), structures).nanmean())
-        assert mean_dice(warped, fixed, moving) == pytest.approx(expected, abs=1e-12)
+        fixed, warped = (torch.from_numpy(rng.integers(0, 9, (2, 1, 7, 6, 5))).to(torch.uint8) for _ in range(2))
+        fixed[fixed == 5] = 0  # in warped only
+        warped[warped == 6] = 0  # in fixed only
+        fixed[fixed == 7] = 0
+        warped[warped == 7] = 0  # in neither: undefined
+        structures = [1, 2, 5, 6, 7, 11]  # 11: beyond every value present
+        dice = dice_per_label(warped, fixed, structures)
+        assert dice.shape == (2, len(structures)) and dice.dtype == torch.float64
+        for b in range(2):
+            for column, label in enumerate(structures):
+                w, f = warped[b] == label, fixed[b] == label
+                total = int(w.sum() + f.sum())
+                if total == 0:
+                    assert torch.isnan(dice[b, column])
+                else:
+                    assert float(dice[b, column]) == pytest.approx(2 * int((w & f).sum()) / total, abs=1e-12)
+        assert dice[:, structures.index(5)].eq(0).all() and dice[:, structures.index(6)].eq(0).all()
 
 
 def test_training_deformation_sizes_span_the_scale_range_and_the_default_draws_nothing():

@@ -21,6 +21,7 @@ from xmorpher import (
     jacobian_determinant,
     mse_loss,
     ncc_loss,
+    ngf_loss,
     percent_nonpositive_jacobian,
     std_log_jacobian,
     std_log_jacobian_learn2reg_plus3,
@@ -193,6 +194,46 @@ def test_ncc_matches_a_direct_box_filter(generator):
     # Perfect correlation scores -1 up to eps (a pure scaling, which the zero padding respects).
     assert ncc_loss(fixed, 3 * fixed).item() == pytest.approx(-1.0, abs=1e-3)
     assert ncc_loss(fixed, warped).item() > -0.5
+
+
+def test_ngf_on_ramps_with_known_answers():
+    """Ramps along the last axis: central differences a and b inside, zero on its two border voxels."""
+    width, a, b, epsilon = 9, 0.3, -0.1, 0.05
+    ramp = torch.arange(float(width)).expand(1, 1, 4, 5, width)
+    inside = 1 - (a * b) ** 2 / ((a * a + epsilon**2) * (b * b + epsilon**2))
+    expected = ((width - 2) * inside + 2 * 1.0) / width
+    assert ngf_loss(a * ramp, b * ramp + 7, epsilon).item() == pytest.approx(expected, rel=1e-5)
+    # gradients at right angles share no direction: the loss is 1 everywhere
+    across = torch.arange(5.0).view(1, 1, 1, 5, 1).expand(1, 1, 4, 5, width)
+    assert ngf_loss(ramp, across, epsilon).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_ngf_lets_weak_bias_fields_in_flat_tissue_pull_on_nothing_where_ncc_follows_them(generator):
+    """Flat tissue under two different weak bias fields (no motion) against a ball moved by half a
+    voxel: local NCC normalises the bias ramps into patterns and pulls on the flow more where only
+    bias differs than where an edge really moved; NGF, whose epsilon treats such weak gradients as
+    noise, pulls a hundred times less there than at the edge."""
+    n = 20
+    grid = torch.stack(torch.meshgrid(*(torch.arange(float(n)) for _ in range(3)), indexing="ij"))
+    ball = torch.sigmoid(6 - ((grid - 9.5) ** 2).sum(0).sqrt())[None, None]
+    fixed_bias = torch.exp(0.1 * (grid[2] / 19 - 0.5))[None, None]
+    moving_bias = torch.exp(0.1 * ((grid[1] + 0.5 * grid[2]) / 19 - 0.5) + 0.01 * torch.sin(grid[0]))[None, None]
+    half_voxel = torch.tensor([0.0, 0.0, 0.5]).view(1, 3, 1, 1, 1).expand(1, 3, n, n, n).contiguous()
+
+    def pull(loss, fixed, moving):
+        flow = torch.zeros(1, 3, n, n, n, requires_grad=True)
+        loss(fixed, warp(moving, flow)).backward()
+        return float(flow.grad.norm())
+
+    ngf_ratio = pull(ngf_loss, 0.8 * fixed_bias, 0.8 * moving_bias) / pull(ngf_loss, ball, warp(ball, half_voxel))
+    ncc_ratio = pull(ncc_loss, 0.8 * fixed_bias, 0.8 * moving_bias) / pull(ncc_loss, ball, warp(ball, half_voxel))
+    assert ngf_ratio < 0.05 and ncc_ratio > 1, (ngf_ratio, ncc_ratio)
+    noise = torch.rand(1, 1, n, n, n, generator=generator)
+    assert ngf_loss(ball, ball).item() < ngf_loss(ball, noise).item()
+    with pytest.raises(ValueError, match="epsilon"):
+        ngf_loss(ball, ball, 0.0)
+    with pytest.raises(ValueError, match="B, 1, D, H, W"):
+        ngf_loss(ball.expand(1, 2, n, n, n), ball.expand(1, 2, n, n, n))
 
 
 def test_mse_diffusion_and_dice_losses():

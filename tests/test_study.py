@@ -92,3 +92,42 @@ def test_a_second_start_reuses_the_finished_runs(quick_study):
     assert os.path.getmtime(checkpoint) == before
     log = again.stdout + again.stderr
     assert log.count("trained earlier") == 10 and " min, best val Dice" not in log
+
+
+def test_checkpoints_are_scored_as_the_network_predicts_or_refined(quick_study, tmp_path):
+    """--checkpoint with --refine-steps 0 reproduces the study's own scores of that network exactly;
+    with refinement steps the flows, hence the test Dice, change."""
+    out, _ = quick_study
+    run = os.path.join(out, "runs", "xmorpher", "seed0")
+    with open(os.path.join(run, "run.json")) as handle:
+        trained = json.load(handle)
+    scores = {}
+    for steps in (0, 3):
+        folder = str(tmp_path / f"refine{steps}")
+        result = subprocess.run([sys.executable, SCRIPT, "--checkpoint", os.path.join(run, "best.pt"), "--refine-steps", str(steps),
+                                 "--generalization-pairs", "1", "--out", folder], capture_output=True, text=True, env=ENV,
+                                cwd=tempfile.gettempdir(), timeout=900)
+        assert result.returncode == 0, result.stderr[-4000:]
+        with open(os.path.join(folder, "summary.json")) as handle:
+            scores[steps] = json.load(handle)["variants"]["seed0"]["pair_dice"]
+    assert scores[0] == pytest.approx([pair["dice"] for pair in trained["test"]], abs=1e-9)
+    assert scores[3] != pytest.approx(scores[0], abs=1e-6)
+    refused = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path / "x"), "--refine-steps", "2"], capture_output=True,
+                             text=True, env=ENV, cwd=tempfile.gettempdir(), timeout=300)
+    assert refused.returncode == 2 and "--refine-steps" in refused.stderr
+
+
+def test_the_objective_probe_scores_the_identity_as_no_change_and_the_truth_as_a_gain(tmp_path):
+    """benchmarks/objective_optimum.py with zero steps: from the identity every bin changes by exactly
+    0; from the exact answer the large bin gains (what a perfect registration gains)."""
+    probe = os.path.join(ROOT, "benchmarks", "objective_optimum.py")
+    rows = {}
+    for start in ("identity", "truth"):
+        result = subprocess.run([sys.executable, probe, "--start", start, "--steps", "0", "--pairs-per-bin", "1", "--spacing-mm", "8",
+                                 "--diffusion-weight", "1", "4", "--threads", "1"], capture_output=True, text=True, env=ENV,
+                                cwd=tempfile.gettempdir(), timeout=900)
+        assert result.returncode == 0, result.stderr[-4000:]
+        rows[start] = [line for line in result.stdout.splitlines() if line.startswith("| ngf")]
+    assert len(rows["identity"]) == 2 and all(row.count("+0.0000 (lower on 0/1)") == 4 for row in rows["identity"])
+    large = [float(row.split("|")[-2].split()[0]) for row in rows["truth"]]
+    assert all(gain > 0.05 for gain in large), rows["truth"]

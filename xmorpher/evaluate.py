@@ -85,17 +85,19 @@ def format_table(summary: dict) -> str:
 
 
 def _save_example(path: str, dataset, registrar: Registrar, rows: list, method: str) -> None:
-    """The panel of the pair with the median Dice gain (a typical registration, not the best one)."""
-    gains = [registered["dice"] - identity["dice"] for identity, registered in zip(rows[0::2], rows[1::2])]
+    """The panel of the pair with the median Dice gain of ``method`` (a typical registration, not the
+    best one)."""
+    identity = [row for row in rows if row["method"] == "identity"]
+    registered = [row for row in rows if row["method"] == method]
+    gains = [after["dice"] - before["dice"] for before, after in zip(identity, registered)]
     ranked = sorted(range(len(gains)), key=lambda i: -np.inf if math.isnan(gains[i]) else gains[i])
     index = ranked[len(ranked) // 2]
     item = torch.utils.data.default_collate([dataset[index]])
     flow = registrar.flow(item["moving"], item["fixed"]).cpu()
     warped = warp(item["moving"], flow)
-    identity, registered = rows[2 * index], rows[2 * index + 1]
     save_panel(
         path, item["fixed"][0, 0].numpy(), item["moving"][0, 0].numpy(), warped[0, 0].numpy(), flow[0].numpy(),
-        title=f"{method}, {item['name'][0]}: Dice {identity['dice']:.3f} -> {registered['dice']:.3f}",
+        title=f"{method}, {item['name'][0]}: Dice {identity[index]['dice']:.3f} -> {registered[index]['dice']:.3f}",
     )
 
 
@@ -112,25 +114,31 @@ def evaluate(
     with registration_extra():
         from tqdm import tqdm
 
-    registrar = Registrar(checkpoint, device)
+    registrar = Registrar(checkpoint, device, evaluate=config.evaluate if config else None)
     config = config or registrar.config
     dataset = make_dataset(config.data, config.evaluate.split)
     count = len(dataset) if config.evaluate.max_pairs <= 0 else min(config.evaluate.max_pairs, len(dataset))
     names = getattr(dataset, "label_names", None)
     labels = list(range(1, len(names))) if names else None
-    method = registrar.config.model.name
+    network = registrar.config.model.name
+    # with refinement, the network's own prediction is scored too: what the refinement adds
+    method = f"{network} + refinement" if registrar.refine_steps else network
     rows = []
     for index in tqdm(range(count), desc=f"evaluate {config.evaluate.split}", disable=not progress, unit="pair"):
         item = torch.utils.data.default_collate([dataset[index]])
         start = time.perf_counter()
-        flow = registrar.flow(item["moving"], item["fixed"]).cpu()
+        predicted = registrar.predict(item["moving"], item["fixed"])
+        predicted_seconds = time.perf_counter() - start
+        flow = registrar.refine(item["moving"], item["fixed"], predicted).cpu()
         seconds = time.perf_counter() - start
-        identity = score_pair(item, torch.zeros_like(flow), labels, config.evaluate.hd95)
-        registered = score_pair(item, flow, labels, config.evaluate.hd95)
-        rows.append({"pair": item["name"][0], "method": "identity", "seconds": 0.0, **identity})
-        rows.append({"pair": item["name"][0], "method": method, "seconds": seconds, **registered})
+        rows.append({"pair": item["name"][0], "method": "identity", "seconds": 0.0,
+                     **score_pair(item, torch.zeros_like(flow), labels, config.evaluate.hd95)})
+        if registrar.refine_steps:
+            rows.append({"pair": item["name"][0], "method": network, "seconds": predicted_seconds,
+                         **score_pair(item, predicted.cpu(), labels, config.evaluate.hd95)})
+        rows.append({"pair": item["name"][0], "method": method, "seconds": seconds, **score_pair(item, flow, labels, config.evaluate.hd95)})
     summary = {"checkpoint": checkpoint, "split": config.evaluate.split, "pairs": count, "methods": {}}
-    for name in ("identity", method):
+    for name in dict.fromkeys(("identity", network, method)):
         chosen = [row for row in rows if row["method"] == name]
         stats = {m: {"mean": _nanmean([r[m] for r in chosen]), "std": _nanstd([r[m] for r in chosen])} for m in METRICS}
         stats["sd_log_jacobian_learn2reg_plus3"] = {"mean": _nanmean([r["sd_log_jacobian_learn2reg_plus3"] for r in chosen])}

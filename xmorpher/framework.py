@@ -32,6 +32,7 @@ __all__ = [
     "SpatialTransformer",
     "integrate_velocity",
     "ncc_loss",
+    "ngf_loss",
     "mse_loss",
     "diffusion_loss",
     "dice_loss",
@@ -226,6 +227,40 @@ def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: fl
     return -(cross * cross / (var_f * var_w + eps)).mean()
 
 
+def _central_gradient(volume: torch.Tensor) -> torch.Tensor:
+    """Central-difference gradient (B, 3C, D, H, W) of (B, C, D, H, W), in intensity per voxel; one-sided
+    (zero) at the borders."""
+    parts = []
+    for axis in (2, 3, 4):
+        if volume.shape[axis] < 3:
+            parts.append(torch.zeros_like(volume))
+            continue
+        difference = (volume.narrow(axis, 2, volume.shape[axis] - 2) - volume.narrow(axis, 0, volume.shape[axis] - 2)) / 2
+        padding = [0] * 6
+        padding[2 * (4 - axis)] = padding[2 * (4 - axis) + 1] = 1  # F.pad lists the last axis first
+        parts.append(F.pad(difference, padding))
+    return torch.cat(parts, dim=1)
+
+
+def ngf_loss(fixed: torch.Tensor, warped: torch.Tensor, epsilon: float = 0.05) -> torch.Tensor:
+    """Normalised gradient fields (Haber and Modersitzki, 2006): 1 - the squared cosine between the two
+    images' gradients, averaged over voxels, a scalar in [0, 1] (lower is better).
+
+    Only edge directions count, so a smooth multiplicative bias field, a per-tissue contrast change or a
+    gamma does not move the optimum as they move local NCC's; ``epsilon`` (intensity per voxel, images
+    in [0, 1]) is the gradient size below which an edge is treated as noise, so that flat regions, where
+    only bias and noise vary, pull on nothing. Single-channel volumes (B, 1, D, H, W).
+    """
+    if fixed.shape != warped.shape or fixed.dim() != 5 or fixed.shape[1] != 1:
+        raise ValueError(f"expected two (B, 1, D, H, W) volumes of one shape, got {tuple(fixed.shape)} and {tuple(warped.shape)}")
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    grad_fixed, grad_warped = _central_gradient(fixed), _central_gradient(warped)
+    dot = (grad_fixed * grad_warped).sum(1)
+    norms = (grad_fixed.pow(2).sum(1) + epsilon**2) * (grad_warped.pow(2).sum(1) + epsilon**2)
+    return (1 - dot * dot / norms).mean()
+
+
 def mse_loss(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
     """Mean squared intensity difference."""
     return F.mse_loss(warped, fixed)
@@ -279,19 +314,27 @@ def dice_per_label(
     """Dice of integer label maps, per label: ``(B, len(labels))`` float64.
 
     ``labels`` defaults to the non-zero labels present in ``target``. A label absent from both
-    maps of a pair has an undefined Dice: NaN (use ``nanmean`` to average).
+    maps of a pair has an undefined Dice: NaN (use ``nanmean`` to average). Counted with three
+    histograms per pair, not a pass per label: a 1 mm brain has 5 M voxels and over a hundred
+    structures.
     """
     prediction, target = _label_volume(prediction), _label_volume(target)
     if prediction.shape != target.shape:
         raise ValueError(f"label maps differ in shape: {tuple(prediction.shape)} vs {tuple(target.shape)}")
+    chosen = _labels_to_score(target, labels)
+    if not chosen:
+        return torch.empty((target.shape[0], 0), dtype=torch.float64)
+    wanted = torch.tensor(chosen, dtype=torch.long, device=target.device)
+    prediction, target = prediction.flatten(1).long(), target.flatten(1).long()
+    # bincount counts from 0: shift every value by the smallest one present or asked for
+    low = int(min(prediction.min(), target.min(), wanted.min()))
+    count = int(max(prediction.max(), target.max(), wanted.max())) - low + 1
     scores = []
-    for label in _labels_to_score(target, labels):
-        p = (prediction == label).flatten(1)
-        t = (target == label).flatten(1)
-        overlap = (p & t).sum(1).double()
-        total = (p.sum(1) + t.sum(1)).double()
+    for predicted, truth in zip(prediction - low, target - low):
+        total = (torch.bincount(predicted, minlength=count) + torch.bincount(truth, minlength=count))[wanted - low].double()
+        overlap = torch.bincount(predicted[predicted == truth], minlength=count)[wanted - low].double()
         scores.append(torch.where(total > 0, 2 * overlap / total, torch.full_like(total, float("nan"))))
-    return torch.stack(scores, dim=1) if scores else torch.empty((target.shape[0], 0), dtype=torch.float64)
+    return torch.stack(scores)
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:

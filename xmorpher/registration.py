@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from .checkpoint import load_model
+from .config import EvaluateConfig, TrainConfig
 from .data.nifti import Volume, load_volume, normalize_intensity, save_volume
 from .errors import XMorpherError, registration_extra
-from .framework import warp, warp_labels
+from .framework import diffusion_loss, warp, warp_labels
 from .runtime import autocast_dtype, resolve_device
 
 VolumeLike = Union[str, os.PathLike, np.ndarray, torch.Tensor, Volume]
@@ -70,21 +71,68 @@ class RegistrationResult:
         return paths
 
 
-class Registrar:
-    """A trained network loaded once, for registering many pairs."""
+def refine_flow(
+    moving: torch.Tensor, fixed: torch.Tensor, flow: torch.Tensor, train: TrainConfig, steps: int, lr: float, diffusion_weight: float
+) -> torch.Tensor:
+    """Instance optimisation: ``flow`` (B, 3, D, H, W, voxels) improved by ``steps`` Adam steps of size
+    ``lr`` (voxels) on the pair's own unsupervised loss, the network's training similarity
+    (``train.similarity`` on the input images) + ``diffusion_weight`` * diffusion, starting from the
+    network's prediction. The displacement itself is optimised, also for networks that integrate a
+    velocity field."""
+    if steps < 0 or not lr > 0 or not diffusion_weight >= 0:
+        raise XMorpherError(f"refinement needs steps >= 0, lr > 0 and diffusion_weight >= 0, got {steps}, {lr}, {diffusion_weight}")
+    from .train import similarity_loss  # the training loop's objective, imported late: train imports much
 
-    def __init__(self, checkpoint: str, device: str = "auto") -> None:
+    moving, fixed = moving.float(), fixed.float()
+    refined = flow.detach().float().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([refined], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            similarity = similarity_loss(train, fixed, warp(moving, refined))
+            loss = train.similarity_weight * similarity + diffusion_weight * diffusion_loss(refined)
+            loss.backward()
+            optimizer.step()
+    return refined.detach()
+
+
+class Registrar:
+    """A trained network loaded once, for registering many pairs; with ``refine_steps`` > 0 each
+    prediction is refined on the pair (see :func:`refine_flow`). The refinement's settings come from
+    ``evaluate`` (default: the checkpoint's evaluate config), its steps from ``refine_steps`` when
+    given."""
+
+    def __init__(self, checkpoint: str, device: str = "auto", refine_steps: Optional[int] = None,
+                 evaluate: Optional[EvaluateConfig] = None) -> None:
         self.device = resolve_device(device)
         self.model, self.config, self.payload = load_model(checkpoint, self.device)
         self.autocast = autocast_dtype(self.config.train.amp, self.device)
         self.checkpoint = checkpoint
+        self.settings = evaluate or self.config.evaluate
+        self.refine_steps = self.settings.refine_steps if refine_steps is None else refine_steps
+        if self.refine_steps < 0:
+            raise XMorpherError(f"refine_steps must be >= 0, got {self.refine_steps}")
 
     @torch.no_grad()
-    def flow(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        """Displacement (B, 3, D, H, W) in voxels for normalized (B, 1, D, H, W) volumes."""
+    def predict(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """The network's displacement (B, 3, D, H, W) in voxels for normalized (B, 1, D, H, W) volumes."""
         moving, fixed = moving.to(self.device, torch.float32), fixed.to(self.device, torch.float32)
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             return self.model(moving, fixed).float()
+
+    def refine(self, moving: torch.Tensor, fixed: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+        """``predicted`` after the checkpoint's refinement (``refine_steps`` of :func:`refine_flow`)."""
+        if self.refine_steps == 0:
+            return predicted
+        moving, fixed = moving.to(self.device, torch.float32), fixed.to(self.device, torch.float32)
+        return refine_flow(
+            moving, fixed, predicted, self.config.train, self.refine_steps, self.settings.refine_lr, self.settings.refine_diffusion_weight
+        )
+
+    def flow(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """Displacement (B, 3, D, H, W) in voxels for normalized (B, 1, D, H, W) volumes: the network's,
+        refined when ``refine_steps`` > 0."""
+        return self.refine(moving, fixed, self.predict(moving, fixed))
 
     def __call__(self, moving: VolumeLike, fixed: VolumeLike, moving_labels: Optional[VolumeLike] = None) -> RegistrationResult:
         moving_volume, fixed_volume = as_volume(moving, "moving"), as_volume(fixed, "fixed")
@@ -119,9 +167,11 @@ def register(
     *,
     moving_labels: Optional[VolumeLike] = None,
     device: str = "auto",
+    refine_steps: Optional[int] = None,
 ) -> RegistrationResult:
-    """Register `moving` to `fixed` with the network of `checkpoint` (see RegistrationResult)."""
-    return Registrar(checkpoint, device)(moving, fixed, moving_labels)
+    """Register `moving` to `fixed` with the network of `checkpoint` (see RegistrationResult), its
+    prediction refined on the pair for ``refine_steps`` (default: the checkpoint's setting)."""
+    return Registrar(checkpoint, device, refine_steps)(moving, fixed, moving_labels)
 
 
 def _grid_lines(ax, displacement_2d: np.ndarray, spacing: int) -> None:
