@@ -710,8 +710,10 @@ def plot_generalization(path: str, summary: dict) -> None:
         axis.set_ylabel("Dice change (registered - unregistered)")
         axis.set_title(f"{label_set} labels", fontsize=10)
         axis.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
-    figure.tight_layout()
+    # below the panels, the ceiling's wide marker shrunk: inside, it covered the first bin's ceiling
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, markerscale=0.3, frameon=False)
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
