@@ -12,7 +12,7 @@ voxel axis i, and warped(p) = moving(p + u(p)).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 import numpy as np
@@ -22,7 +22,7 @@ from .checkpoint import load_model
 from .config import EvaluateConfig, TrainConfig
 from .data.nifti import Volume, load_volume, normalize_intensity, save_volume
 from .errors import XMorpherError, registration_extra
-from .framework import diffusion_loss, warp, warp_labels
+from .framework import warp, warp_labels
 from .runtime import autocast_dtype, resolve_device
 
 VolumeLike = Union[str, os.PathLike, np.ndarray, torch.Tensor, Volume]
@@ -81,17 +81,17 @@ def refine_flow(
     velocity field."""
     if steps < 0 or not lr > 0 or not diffusion_weight >= 0:
         raise XMorpherError(f"refinement needs steps >= 0, lr > 0 and diffusion_weight >= 0, got {steps}, {lr}, {diffusion_weight}")
-    from .train import similarity_loss  # the training loop's objective, imported late: train imports much
+    from .train import registration_losses  # the training loop's loss, imported late: train imports much
 
-    moving, fixed = moving.float(), fixed.float()
+    # that loss unsupervised, on the input images, with the refinement's diffusion weight
+    objective = replace(train, mode="unsupervised", similarity_images="input", flow_weight=0.0, diffusion_weight=diffusion_weight)
+    pair = {"moving": moving.float(), "fixed": fixed.float()}
     refined = flow.detach().float().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([refined], lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            similarity = similarity_loss(train, fixed, warp(moving, refined))
-            loss = train.similarity_weight * similarity + diffusion_weight * diffusion_loss(refined)
-            loss.backward()
+            registration_losses(objective, pair, refined, None)["loss"].backward()
             optimizer.step()
     return refined.detach()
 
