@@ -134,3 +134,12 @@ def test_the_objective_probe_scores_the_identity_as_no_change_and_the_truth_as_a
     assert len(rows["identity"]) == 2 and all(row.count("+0.0000 (lower on 0/1)") == 4 for row in rows["identity"])
     large = [float(row.split("|")[-2].split()[0]) for row in rows["truth"]]
     assert all(gain > 0.05 for gain in large), rows["truth"]
+    # appearance changes alter the images, not the labels: the exact answer gains as much without them
+    plain = subprocess.run([sys.executable, probe, "--start", "truth", "--steps", "0", "--pairs-per-bin", "1", "--spacing-mm", "8",
+                            "--diffusion-weight", "1", "--threads", "1", "--appearance", "none"], capture_output=True, text=True,
+                           env=ENV, cwd=tempfile.gettempdir(), timeout=900)
+    assert plain.returncode == 0 and "appearance changes: none" in plain.stdout, plain.stderr[-4000:]
+    assert [line for line in plain.stdout.splitlines() if line.startswith("| ngf")] == rows["truth"][:1]
+    refused = subprocess.run([sys.executable, probe, "--appearance", "glare"], capture_output=True, text=True, env=ENV,
+                             cwd=tempfile.gettempdir(), timeout=300)
+    assert refused.returncode != 0 and "--appearance" in refused.stderr and "glare" in refused.stderr

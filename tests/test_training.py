@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -117,7 +118,7 @@ def test_register_writes_nifti_with_the_fixed_affine_and_a_panel(uninterrupted_r
     assert np.allclose(np.moveaxis(result.displacement, 0, -1), field.get_fdata(), atol=1e-6)
 
 
-@pytest.mark.parametrize("similarity", ["ngf", "ncc"])
+@pytest.mark.parametrize("similarity", ["ngf", "ncc", "local-fit"])
 def test_refinement_recovers_a_known_translation_from_the_identity(similarity):
     """A smooth ball moved by a sub-voxel translation t: moving(p + t) = fixed(p), so t is the true
     flow; refining the zero flow on the pair's own loss finds it to a fifth of its length."""
@@ -139,6 +140,27 @@ def test_refinement_recovers_a_known_translation_from_the_identity(similarity):
         refine_flow(moving, fixed, start, train_config, -1, 0.05, 1.0)
 
 
+def test_refinement_similarity_other_than_the_training_one():
+    """``similarity`` names the refinement's own image similarity ("train": the network's), with the
+    training config's settings for it."""
+    generator = torch.Generator().manual_seed(3)
+    moving, fixed = torch.rand(2, 1, 1, 12, 12, 12, generator=generator)
+    start = torch.zeros(1, 3, 12, 12, 12)
+    ngf_config = load_config("tiny", ["train.similarity=ngf"]).train
+    local_fit_config = load_config("tiny", ["train.similarity=local-fit"]).train
+    by_name = refine_flow(moving, fixed, start, ngf_config, 3, 0.05, 1.0, similarity="local-fit")
+    torch.testing.assert_close(by_name, refine_flow(moving, fixed, start, local_fit_config, 3, 0.05, 1.0))
+    torch.testing.assert_close(refine_flow(moving, fixed, start, ngf_config, 3, 0.05, 1.0, similarity="train"),
+                               refine_flow(moving, fixed, start, ngf_config, 3, 0.05, 1.0, similarity="ngf"))
+    assert not torch.allclose(by_name, refine_flow(moving, fixed, start, ngf_config, 3, 0.05, 1.0))
+    with pytest.raises(XMorpherError, match="refinement similarity"):
+        refine_flow(moving, fixed, start, ngf_config, 3, 0.05, 1.0, similarity="ssd")
+    with pytest.raises(XMorpherError, match="evaluate.refine_similarity"):
+        load_config("tiny", ["evaluate.refine_similarity=ssd"])
+    with pytest.raises(XMorpherError, match="train.local_fit_window"):
+        load_config("tiny", ["train.local_fit_window=4"])
+
+
 def test_registrar_refines_as_the_checkpoint_says_unless_told_otherwise(uninterrupted_run, tmp_path):
     checkpoint = os.path.join(uninterrupted_run, "best.pt")
     item = ShapesPairs("test", 1, shape=(16, 16, 16), num_labels=3)[0]
@@ -150,6 +172,10 @@ def test_registrar_refines_as_the_checkpoint_says_unless_told_otherwise(uninterr
     expected = refine_flow(moving, fixed, predicted, refined.config.train, 5, 0.05, 1.0)  # the defaults
     assert torch.allclose(refined.flow(moving, fixed), expected, atol=1e-6)
     assert not torch.allclose(expected, predicted)
+    settings = replace(refined.config.evaluate, refine_similarity="local-fit", refine_diffusion_weight=2.0)
+    other = Registrar(checkpoint, "cpu", refine_steps=5, evaluate=settings)
+    expected = refine_flow(moving, fixed, predicted, other.config.train, 5, 0.05, 2.0, "local-fit")
+    assert torch.allclose(other.flow(moving, fixed), expected, atol=1e-6)
     result = register(item["moving"][0].numpy(), item["fixed"][0].numpy(), checkpoint, device="cpu", refine_steps=5)
     assert result.displacement.shape == (3, 16, 16, 16)
     with pytest.raises(XMorpherError, match="refine_steps"):

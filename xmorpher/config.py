@@ -84,16 +84,23 @@ def _tables_like(model: str, options: dict) -> dict:
     return {option_table(name): options for name, variant in MODELS.items() if variant.model is family}
 
 
+# the image similarities train.similarity (and evaluate.refine_similarity) can name
+SIMILARITIES = ("ncc", "ngf", "local-fit", "mse")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, logging and checkpointing."""
 
     mode: str = "unsupervised"  # unsupervised: similarity + diffusion; semi-supervised: + Dice on labels
     # ncc (local, window ncc_window), ngf (normalised gradient fields: edge directions only, blind to
-    # bias fields and contrast changes; edges weaker than ngf_epsilon per voxel count as noise) or mse
+    # bias fields and contrast changes; edges weaker than ngf_epsilon per voxel count as noise),
+    # local-fit (the residual of a local linear intensity fit in local_fit_window^3 boxes: absorbs
+    # bias and contrast, locates sub-voxel motion of edges) or mse
     similarity: str = "ncc"
     ncc_window: int = 9
     ngf_epsilon: float = 0.05
+    local_fit_window: int = 3
     # what the similarity compares: "input", the images the network sees (the paper), or "anatomy",
     # the pair rendered with the template's own intensities (brain data only): then no appearance
     # change (bias, gamma, contrast, blur, noise) can be explained by motion
@@ -129,11 +136,13 @@ class EvaluateConfig:
     max_pairs: int = 0  # 0: all pairs of the split
     hd95: bool = True  # HD95 needs distance transforms: the slowest metric
     # instance optimisation after the network (`xmorpher register` and `evaluate` too): Adam steps of
-    # refine_lr voxels on the pair's own loss, the training similarity + refine_diffusion_weight x
-    # diffusion (see xmorpher.registration.refine_flow)
+    # refine_lr voxels on the pair's own loss, refine_similarity ("train": the training similarity,
+    # or one of train.similarity's choices) + refine_diffusion_weight x diffusion (see
+    # xmorpher.registration.refine_flow)
     refine_steps: int = 0
     refine_lr: float = 0.05
     refine_diffusion_weight: float = 1.0
+    refine_similarity: str = "train"
 
 
 @dataclass
@@ -154,14 +163,15 @@ PRESETS: dict[str, dict] = {
     # trains in under 30 minutes on a 2-core CPU.
     # Differs from the paper's protocol where users' scans need it (README, "Nearly aligned pairs"):
     # NGF instead of NCC (blind to the bias fields that NCC reads as motion), three in ten training
-    # pairs one subject seen twice (nearly aligned to large), and 50 refinement steps per pair.
+    # pairs one subject seen twice (nearly aligned to large), and 100 refinement steps per pair on
+    # the residual of a local linear intensity fit (which locates sub-voxel motion NGF cannot see).
     "brain-cpu": {
         "data": {"source": "brain", "spacing_mm": 4.0, "train_subjects": 60, "val_subjects": 4, "test_subjects": 10,
                  "near_pairs": 0.3},
         "model": {"name": "xmorpher", **_tables_like("xmorpher", _SMALL_XMORPHER)},
         "train": {"lr": 2e-3, "epochs": 30, "steps_per_epoch": 100, "checkpoint_every": 50, "scheduler": "cosine",
                   "similarity": "ngf"},
-        "evaluate": {"refine_steps": 50, "refine_diffusion_weight": 4.0},
+        "evaluate": {"refine_steps": 100, "refine_similarity": "local-fit", "refine_diffusion_weight": 0.5},
     },
     # Seconds-long runs for tests: tiny shapes, tiny model.
     "tiny": {
@@ -263,7 +273,8 @@ def validate(config: Config) -> None:
         "data.source": (config.data.source, ("brain", "shapes", "nifti")),
         "model.name": (config.model.name, MODEL_NAMES),
         "train.mode": (config.train.mode, ("unsupervised", "semi-supervised")),
-        "train.similarity": (config.train.similarity, ("ncc", "ngf", "mse")),
+        "train.similarity": (config.train.similarity, SIMILARITIES),
+        "evaluate.refine_similarity": (config.evaluate.refine_similarity, ("train",) + SIMILARITIES),
         "train.similarity_images": (config.train.similarity_images, ("input", "anatomy")),
         "train.scheduler": (config.train.scheduler, ("constant", "cosine")),
         "train.amp": (config.train.amp, ("auto", "bf16", "fp16", "off")),
@@ -286,6 +297,8 @@ def validate(config: Config) -> None:
             f"config keys 'evaluate.refine_steps' >= 0, 'evaluate.refine_lr' > 0 and 'evaluate.refine_diffusion_weight' >= 0 "
             f"expected, got {refine.refine_steps}, {refine.refine_lr} and {refine.refine_diffusion_weight}"
         )
+    if config.train.local_fit_window < 1 or config.train.local_fit_window % 2 == 0:
+        raise XMorpherError(f"config key 'train.local_fit_window' must be odd and positive, got {config.train.local_fit_window}")
     if not config.train.ngf_epsilon > 0:
         raise XMorpherError(f"config key 'train.ngf_epsilon' must be > 0, got {config.train.ngf_epsilon}")
     for key, value in {"train.similarity_weight": config.train.similarity_weight, "train.diffusion_weight": config.train.diffusion_weight,

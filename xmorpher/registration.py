@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_model
-from .config import EvaluateConfig, TrainConfig
+from .config import SIMILARITIES, EvaluateConfig, TrainConfig
 from .data.nifti import Volume, load_volume, normalize_intensity, save_volume
 from .errors import XMorpherError, registration_extra
 from .framework import warp, warp_labels
@@ -72,19 +72,24 @@ class RegistrationResult:
 
 
 def refine_flow(
-    moving: torch.Tensor, fixed: torch.Tensor, flow: torch.Tensor, train: TrainConfig, steps: int, lr: float, diffusion_weight: float
+    moving: torch.Tensor, fixed: torch.Tensor, flow: torch.Tensor, train: TrainConfig, steps: int, lr: float, diffusion_weight: float,
+    similarity: str = "train",
 ) -> torch.Tensor:
     """Instance optimisation: ``flow`` (B, 3, D, H, W, voxels) improved by ``steps`` Adam steps of size
-    ``lr`` (voxels) on the pair's own unsupervised loss, the network's training similarity
-    (``train.similarity`` on the input images) + ``diffusion_weight`` * diffusion, starting from the
-    network's prediction. The displacement itself is optimised, also for networks that integrate a
-    velocity field."""
+    ``lr`` (voxels) on the pair's own unsupervised loss, an image similarity on the input images +
+    ``diffusion_weight`` * diffusion, starting from the network's prediction. ``similarity``:
+    "train" (the network's training similarity, ``train.similarity``) or one of its choices, with
+    that config's settings (window, epsilon). The displacement itself is optimised, also for networks
+    that integrate a velocity field."""
     if steps < 0 or not lr > 0 or not diffusion_weight >= 0:
         raise XMorpherError(f"refinement needs steps >= 0, lr > 0 and diffusion_weight >= 0, got {steps}, {lr}, {diffusion_weight}")
+    if similarity != "train" and similarity not in SIMILARITIES:
+        raise XMorpherError(f"refinement similarity must be 'train' or one of {', '.join(SIMILARITIES)}, got '{similarity}'")
     from .train import registration_losses  # the training loop's loss, imported late: train imports much
 
-    # that loss unsupervised, on the input images, with the refinement's diffusion weight
-    objective = replace(train, mode="unsupervised", similarity_images="input", flow_weight=0.0, diffusion_weight=diffusion_weight)
+    # that loss unsupervised, on the input images, with the refinement's similarity and diffusion weight
+    objective = replace(train, mode="unsupervised", similarity_images="input", flow_weight=0.0, diffusion_weight=diffusion_weight,
+                        similarity=train.similarity if similarity == "train" else similarity)
     pair = {"moving": moving.float(), "fixed": fixed.float()}
     refined = flow.detach().float().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([refined], lr=lr)
@@ -126,7 +131,8 @@ class Registrar:
             return predicted
         moving, fixed = moving.to(self.device, torch.float32), fixed.to(self.device, torch.float32)
         return refine_flow(
-            moving, fixed, predicted, self.config.train, self.refine_steps, self.settings.refine_lr, self.settings.refine_diffusion_weight
+            moving, fixed, predicted, self.config.train, self.refine_steps, self.settings.refine_lr, self.settings.refine_diffusion_weight,
+            self.settings.refine_similarity,
         )
 
     def flow(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:

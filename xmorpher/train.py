@@ -39,7 +39,7 @@ from .checkpoint import (
 from .config import Config, TrainConfig, to_dict, to_toml
 from .data.datasets import make_dataset
 from .errors import XMorpherError, registration_extra
-from .framework import dice_loss, dice_per_label, diffusion_loss, mse_loss, ncc_loss, ngf_loss, warp, warp_labels
+from .framework import dice_loss, dice_per_label, diffusion_loss, local_fit_loss, mse_loss, ncc_loss, ngf_loss, warp, warp_labels
 from .runtime import Distributed, all_gather_objects, all_reduce_sum_, autocast_dtype, data_parallel, init_distributed, resolve_device
 
 LOG_FIELDS = ("step", "epoch", "loss", "similarity", "diffusion", "flow_error", "dice_loss", "lr", "pairs_per_s", "val_dice", "val_similarity")
@@ -89,6 +89,8 @@ def similarity_loss(train: TrainConfig, fixed: torch.Tensor, warped: torch.Tenso
         return ncc_loss(fixed, warped, window=train.ncc_window)
     if train.similarity == "ngf":
         return ngf_loss(fixed, warped, epsilon=train.ngf_epsilon)
+    if train.similarity == "local-fit":
+        return local_fit_loss(fixed, warped, window=train.local_fit_window)
     return mse_loss(fixed, warped)
 
 
