@@ -206,6 +206,20 @@ def _box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
     return out
 
 
+def _local_moments(fixed: torch.Tensor, warped: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Centred second moments of two volumes over every ``window``^3 box (zero padded at the borders),
+    as sums over the box: (cross, fixed's, warped's), each (B, C, D, H, W). ``window`` must be odd."""
+    if fixed.shape != warped.shape or fixed.dim() != 5:
+        raise ValueError(f"expected two (B, C, D, H, W) volumes of one shape, got {tuple(fixed.shape)} and {tuple(warped.shape)}")
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be odd and positive, got {window}")
+    # The five moments stacked along channels: one box sum serves them all.
+    moments = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
+    s_f, s_w, s_ff, s_ww, s_fw = _box_sum(moments, window).chunk(5, dim=1)
+    count = float(window**3)
+    return s_fw - s_f * s_w / count, s_ff - s_f * s_f / count, s_ww - s_w * s_w / count
+
+
 def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
     """Negative local normalised cross-correlation (VoxelMorph's NCC), a scalar in [-1, 0].
 
@@ -213,18 +227,7 @@ def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: fl
     (zero padded at the borders), averaged over voxels, channels and batch, negated so that lower
     is better. ``window`` must be odd.
     """
-    if fixed.shape != warped.shape or fixed.dim() != 5:
-        raise ValueError(f"expected two (B, C, D, H, W) volumes of one shape, got {tuple(fixed.shape)} and {tuple(warped.shape)}")
-    if window < 1 or window % 2 == 0:
-        raise ValueError(f"window must be odd and positive, got {window}")
-    # The five moments stacked along channels: one box sum serves them all.
-    moments = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
-    sums = _box_sum(moments, window)
-    s_f, s_w, s_ff, s_ww, s_fw = sums.chunk(5, dim=1)
-    count = float(window**3)
-    cross = s_fw - s_f * s_w / count
-    var_f = s_ff - s_f * s_f / count
-    var_w = s_ww - s_w * s_w / count
+    cross, var_f, var_w = _local_moments(fixed, warped, window)
     return -(cross * cross / (var_f * var_w + eps)).mean()
 
 
@@ -279,17 +282,9 @@ def local_fit_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 3, f
     (intensity^2, images in [0, 1]) is added to the warped window's variance so that flat windows
     do not divide by about zero. ``window`` must be odd.
     """
-    if fixed.shape != warped.shape or fixed.dim() != 5:
-        raise ValueError(f"expected two (B, C, D, H, W) volumes of one shape, got {tuple(fixed.shape)} and {tuple(warped.shape)}")
-    if window < 1 or window % 2 == 0:
-        raise ValueError(f"window must be odd and positive, got {window}")
     if not floor > 0:
         raise ValueError(f"floor must be > 0, got {floor}")
-    moments = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
-    mean_f, mean_w, mean_ff, mean_ww, mean_fw = (_box_sum(moments, window) / window**3).chunk(5, dim=1)
-    cross = mean_fw - mean_f * mean_w
-    var_f = mean_ff - mean_f * mean_f
-    var_w = mean_ww - mean_w * mean_w
+    cross, var_f, var_w = (moment / window**3 for moment in _local_moments(fixed, warped, window))  # means over the box
     residual = (var_f - cross * cross / (var_w + floor)).flatten(1).mean(1)
     return (residual / fixed.flatten(1).var(1).clamp_min(floor)).mean()
 
