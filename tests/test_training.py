@@ -23,7 +23,7 @@ from xmorpher.config import load_config
 from xmorpher.data import ShapesPairs, save_volume
 from xmorpher.errors import XMorpherError
 from xmorpher.framework import warp
-from xmorpher.registration import Registrar, refine_flow, register
+from xmorpher.registration import Registrar, mean_displacement, refine_flow, register
 import xmorpher
 from xmorpher.train import train
 
@@ -182,6 +182,44 @@ def test_registrar_refines_as_the_checkpoint_says_unless_told_otherwise(uninterr
         Registrar(checkpoint, "cpu", refine_steps=-2)
     with pytest.raises(XMorpherError, match="refine_steps"):
         load_config("tiny", ["evaluate.refine_steps=-1"])
+
+
+def test_mean_displacement_is_each_pairs_mean_length():
+    flow = torch.zeros(2, 3, 4, 5, 6)
+    flow[0, 0], flow[0, 1] = 3.0, 4.0  # length 5 everywhere
+    flow[1, 2, :2] = -1.0  # length 1 on the first 2 of 4 slices
+    torch.testing.assert_close(mean_displacement(flow), torch.tensor([5.0, 0.5]))
+
+
+def test_registrar_refines_small_motion_again_at_its_own_diffusion_weight(uninterrupted_run):
+    checkpoint = os.path.join(uninterrupted_run, "best.pt")
+    item = ShapesPairs("test", 1, shape=(16, 16, 16), num_labels=3)[0]
+    # a pair that needs motion, and the same fixed image seen twice: the one pair of the batch that needs none
+    moving = torch.stack([item["moving"], item["fixed"]])
+    fixed = torch.stack([item["fixed"], item["fixed"]])
+    plain = Registrar(checkpoint, "cpu")
+    predicted = plain.predict(moving, fixed)
+    train = plain.config.train
+    light = refine_flow(moving, fixed, predicted, train, 5, 0.05, 0.5)
+    heavy_alone = refine_flow(moving[1:], fixed[1:], predicted[1:], train, 5, 0.05, 8.0)
+    sizes = mean_displacement(light)
+    assert sizes[1] < sizes[0], "the pair seen twice should move less"
+
+    def refined(threshold: float) -> torch.Tensor:
+        settings = replace(plain.config.evaluate, refine_diffusion_weight=0.5, refine_small_motion=threshold,
+                           refine_small_motion_diffusion_weight=8.0)
+        return Registrar(checkpoint, "cpu", refine_steps=5, evaluate=settings).refine(moving, fixed, predicted)
+
+    torch.testing.assert_close(refined(0.0), light)  # off: one weight for every pair
+    between = refined(float(sizes.mean()))
+    torch.testing.assert_close(between[0], light[0])
+    torch.testing.assert_close(between[1], heavy_alone[0])
+    assert not torch.allclose(heavy_alone[0], light[1])
+    above_both = refined(float(sizes.max()) + 1.0)
+    torch.testing.assert_close(above_both, refine_flow(moving, fixed, predicted, train, 5, 0.05, 8.0))
+    for key in ("evaluate.refine_small_motion=-0.1", "evaluate.refine_small_motion_diffusion_weight=-1"):
+        with pytest.raises(XMorpherError, match="refine_small_motion"):
+            load_config("tiny", [key])
 
 
 def test_evaluate_prints_a_table_and_writes_csv_and_json(uninterrupted_run, tmp_path):

@@ -101,6 +101,11 @@ def refine_flow(
     return refined.detach()
 
 
+def mean_displacement(flow: torch.Tensor) -> torch.Tensor:
+    """Each pair's mean displacement length over the whole volume, (B,) from (B, 3, D, H, W) voxels."""
+    return flow.norm(dim=1).flatten(1).mean(1)
+
+
 class Registrar:
     """A trained network loaded once, for registering many pairs; with ``refine_steps`` > 0 each
     prediction is refined on the pair (see :func:`refine_flow`). The refinement's settings come from
@@ -126,14 +131,24 @@ class Registrar:
             return self.model(moving, fixed).float()
 
     def refine(self, moving: torch.Tensor, fixed: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
-        """``predicted`` after the checkpoint's refinement (``refine_steps`` of :func:`refine_flow`)."""
+        """``predicted`` after the checkpoint's refinement (``refine_steps`` of :func:`refine_flow`);
+        pairs whose refined displacement is shorter on average than ``refine_small_motion`` voxels
+        are refined again from ``predicted`` at ``refine_small_motion_diffusion_weight``."""
         if self.refine_steps == 0:
             return predicted
+        settings = self.settings
         moving, fixed = moving.to(self.device, torch.float32), fixed.to(self.device, torch.float32)
-        return refine_flow(
-            moving, fixed, predicted, self.config.train, self.refine_steps, self.settings.refine_lr, self.settings.refine_diffusion_weight,
-            self.settings.refine_similarity,
-        )
+
+        def refined_at(weight: float, chosen: torch.Tensor | slice) -> torch.Tensor:
+            return refine_flow(moving[chosen], fixed[chosen], predicted[chosen], self.config.train, self.refine_steps, settings.refine_lr,
+                               weight, settings.refine_similarity)
+
+        refined = refined_at(settings.refine_diffusion_weight, slice(None))
+        if settings.refine_small_motion > 0:
+            small = mean_displacement(refined) < settings.refine_small_motion
+            if small.any():
+                refined[small] = refined_at(settings.refine_small_motion_diffusion_weight, small)
+        return refined
 
     def flow(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """Displacement (B, 3, D, H, W) in voxels for normalized (B, 1, D, H, W) volumes: the network's,
