@@ -191,7 +191,7 @@ def test_mean_displacement_is_each_pairs_mean_length():
     torch.testing.assert_close(mean_displacement(flow), torch.tensor([5.0, 0.5]))
 
 
-def test_registrar_refines_small_motion_again_at_its_own_diffusion_weight(uninterrupted_run):
+def test_registrar_refines_small_motion_again_from_zero_at_its_own_diffusion_weight(uninterrupted_run):
     checkpoint = os.path.join(uninterrupted_run, "best.pt")
     item = ShapesPairs("test", 1, shape=(16, 16, 16), num_labels=3)[0]
     # a pair that needs motion, and the same fixed image seen twice: the one pair of the batch that needs none
@@ -201,7 +201,7 @@ def test_registrar_refines_small_motion_again_at_its_own_diffusion_weight(uninte
     predicted = plain.predict(moving, fixed)
     train = plain.config.train
     light = refine_flow(moving, fixed, predicted, train, 5, 0.05, 0.5)
-    heavy_alone = refine_flow(moving[1:], fixed[1:], predicted[1:], train, 5, 0.05, 8.0)
+    heavy_alone = refine_flow(moving[1:], fixed[1:], torch.zeros_like(predicted[1:]), train, 5, 0.05, 8.0)
     sizes = mean_displacement(light)
     assert sizes[1] < sizes[0], "the pair seen twice should move less"
 
@@ -216,7 +216,7 @@ def test_registrar_refines_small_motion_again_at_its_own_diffusion_weight(uninte
     torch.testing.assert_close(between[1], heavy_alone[0])
     assert not torch.allclose(heavy_alone[0], light[1])
     above_both = refined(float(sizes.max()) + 1.0)
-    torch.testing.assert_close(above_both, refine_flow(moving, fixed, predicted, train, 5, 0.05, 8.0))
+    torch.testing.assert_close(above_both, refine_flow(moving, fixed, torch.zeros_like(predicted), train, 5, 0.05, 8.0))
     for key in ("evaluate.refine_small_motion=-0.1", "evaluate.refine_small_motion_diffusion_weight=-1"):
         with pytest.raises(XMorpherError, match="refine_small_motion"):
             load_config("tiny", [key])

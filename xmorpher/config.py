@@ -144,7 +144,7 @@ class EvaluateConfig:
     refine_diffusion_weight: float = 1.0
     refine_similarity: str = "train"
     # a size-adaptive smoothness prior: a pair whose refined displacement is shorter on average than
-    # refine_small_motion voxels (0: never) is refined again from the network's prediction at
+    # refine_small_motion voxels (0: never) is refined again, from zero displacement, at
     # refine_small_motion_diffusion_weight. Sub-voxel motion is located best under a strong prior,
     # large motion under a weak one (README, "A smoothness weight per pair")
     refine_small_motion: float = 0.0

@@ -133,21 +133,22 @@ class Registrar:
     def refine(self, moving: torch.Tensor, fixed: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
         """``predicted`` after the checkpoint's refinement (``refine_steps`` of :func:`refine_flow`);
         pairs whose refined displacement is shorter on average than ``refine_small_motion`` voxels
-        are refined again from ``predicted`` at ``refine_small_motion_diffusion_weight``."""
+        are refined again, from zero displacement, at ``refine_small_motion_diffusion_weight``."""
         if self.refine_steps == 0:
             return predicted
         settings = self.settings
         moving, fixed = moving.to(self.device, torch.float32), fixed.to(self.device, torch.float32)
 
-        def refined_at(weight: float, chosen: torch.Tensor | slice) -> torch.Tensor:
-            return refine_flow(moving[chosen], fixed[chosen], predicted[chosen], self.config.train, self.refine_steps, settings.refine_lr,
+        def refined_from(start: torch.Tensor, weight: float, chosen: torch.Tensor | slice) -> torch.Tensor:
+            return refine_flow(moving[chosen], fixed[chosen], start[chosen], self.config.train, self.refine_steps, settings.refine_lr,
                                weight, settings.refine_similarity)
 
-        refined = refined_at(settings.refine_diffusion_weight, slice(None))
+        refined = refined_from(predicted, settings.refine_diffusion_weight, slice(None))
         if settings.refine_small_motion > 0:
             small = mean_displacement(refined) < settings.refine_small_motion
             if small.any():
-                refined[small] = refined_at(settings.refine_small_motion_diffusion_weight, small)
+                # from no motion: on nearly aligned pairs the network's own motion is mostly error
+                refined[small] = refined_from(torch.zeros_like(predicted), settings.refine_small_motion_diffusion_weight, small)
         return refined
 
     def flow(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
