@@ -140,6 +140,22 @@ def test_refinement_recovers_a_known_translation_from_the_identity(similarity):
         refine_flow(moving, fixed, start, train_config, -1, 0.05, 1.0)
 
 
+def test_similarity_loss_computes_every_named_similarity_and_refuses_others():
+    """Every name the config accepts has its own loss (none falls through to another), and a name it
+    does not accept fails in the loss too, for configs built without validation."""
+    from xmorpher.config import SIMILARITIES
+    from xmorpher.train import similarity_loss
+
+    generator = torch.Generator().manual_seed(5)
+    fixed, warped = torch.rand(2, 1, 1, 10, 10, 10, generator=generator)
+    train = load_config("tiny", []).train
+    values = {name: float(similarity_loss(replace(train, similarity=name), fixed, warped)) for name in SIMILARITIES}
+    assert all(np.isfinite(value) for value in values.values())
+    assert len(set(values.values())) == len(SIMILARITIES), values
+    with pytest.raises(XMorpherError, match="train.similarity must be one of"):
+        similarity_loss(replace(train, similarity="ssd"), fixed, warped)
+
+
 def test_refinement_similarity_other_than_the_training_one():
     """``similarity`` names the refinement's own image similarity ("train": the network's), with the
     training config's settings for it."""

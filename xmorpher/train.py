@@ -36,7 +36,7 @@ from .checkpoint import (
     rng_state,
     set_rng_state,
 )
-from .config import Config, TrainConfig, to_dict, to_toml
+from .config import SIMILARITIES, Config, TrainConfig, to_dict, to_toml
 from .data.datasets import make_dataset
 from .errors import XMorpherError, registration_extra
 from .framework import dice_loss, dice_per_label, diffusion_loss, local_fit_loss, mse_loss, ncc_loss, ngf_loss, warp, warp_labels
@@ -91,7 +91,9 @@ def similarity_loss(train: TrainConfig, fixed: torch.Tensor, warped: torch.Tenso
         return ngf_loss(fixed, warped, epsilon=train.ngf_epsilon)
     if train.similarity == "local-fit":
         return local_fit_loss(fixed, warped, window=train.local_fit_window)
-    return mse_loss(fixed, warped)
+    if train.similarity == "mse":
+        return mse_loss(fixed, warped)
+    raise XMorpherError(f"train.similarity must be one of {', '.join(SIMILARITIES)}, got '{train.similarity}'")
 
 
 def needs_targets(train: TrainConfig) -> bool:
