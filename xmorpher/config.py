@@ -171,7 +171,7 @@ PRESETS: dict[str, dict] = {
     # NGF instead of NCC (blind to the bias fields that NCC reads as motion), three in ten training
     # pairs one subject seen twice (nearly aligned to large), and 100 refinement steps per pair on
     # the residual of a local linear intensity fit (which locates sub-voxel motion NGF cannot see),
-    # again at 4 x the diffusion weight, from zero, on pairs that move less than 0.35 voxels on average.
+    # refined again from zero at diffusion weight 2 when a pair moves less than 0.35 voxels on average.
     "brain-cpu": {
         "data": {"source": "brain", "spacing_mm": 4.0, "train_subjects": 60, "val_subjects": 4, "test_subjects": 10,
                  "near_pairs": 0.3},
