@@ -359,10 +359,11 @@ def train_and_score(run: Run) -> dict:
 
 
 def score_checkpoint(path: str, device: str, data_json: str, pairs_per_bin: int, generalization_seed: Optional[int] = None,
-                     refine_steps: Optional[int] = None) -> dict:
+                     refine_steps: Optional[int] = None, overrides: Sequence[str] = ()) -> dict:
     """Per-pair scores of a checkpoint on the test and generalization pairs, with its best step;
-    ``refine_steps``: instead of the checkpoint's own evaluate.refine_steps."""
-    registrar = Registrar(path, device, refine_steps)
+    ``refine_steps``: instead of the checkpoint's own evaluate.refine_steps; ``overrides``:
+    ``evaluate.key=value`` changes to its other refinement settings."""
+    registrar = Registrar(path, device, refine_steps, overrides=overrides)
     pairs = evaluation_pairs(data_json, pairs_per_bin, generalization_seed)
     scores = score_flows(lambda item: registrar.flow(item["moving"], item["fixed"]).cpu(), pairs)
     best = registrar.payload.get("best", {})
@@ -417,12 +418,13 @@ def train_all(runs: list, jobs: int) -> dict:
     return records
 
 
-def seconds_per_pair(checkpoint: str, items: list, device: str, threads: int, refine_steps: Optional[int] = None) -> float:
+def seconds_per_pair(checkpoint: str, items: list, device: str, threads: int, refine_steps: Optional[int] = None,
+                     overrides: Sequence[str] = ()) -> float:
     """Mean seconds of one registration (the network's forward pass, and its refinement if any) over
     ``items``, after one warm-up call, measured in this process alone with the runs' thread count,
     so that every model gets the same machine."""
     torch.set_num_threads(threads)
-    registrar = Registrar(checkpoint, device, refine_steps)
+    registrar = Registrar(checkpoint, device, refine_steps, overrides=overrides)
     registrar.flow(items[0]["moving"], items[0]["fixed"])
     start = time.perf_counter()
     for item in items:
@@ -756,11 +758,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--refine-steps", type=int,
                         help="with --checkpoint: instance-optimisation steps after each network instead of each checkpoint's "
                              "evaluate.refine_steps (0: the networks alone)")
+    parser.add_argument("--set", action="append", default=[], metavar="evaluate.KEY=VALUE",
+                        help="with --checkpoint: change one refinement setting of every checkpoint, e.g. "
+                             "evaluate.refine_small_motion_diffusion_weight=32 (repeatable)")
     args = parser.parse_args(argv)
     if args.generalization_seed is not None and not args.checkpoint:
         parser.error("--generalization-seed scores checkpoints (--checkpoint); a study's runs score the data seed's pairs")
     if args.refine_steps is not None and not args.checkpoint:
         parser.error("--refine-steps scores checkpoints (--checkpoint); a study's runs compare the networks alone")
+    if args.set and not args.checkpoint:
+        parser.error("--set changes refinement settings of checkpoints (--checkpoint); a study's runs compare the networks alone")
     started = time.perf_counter()
     command = "python benchmarks/registration_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
     os.makedirs(args.out, exist_ok=True)
@@ -800,12 +807,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         truth = score_generalization(lambda item: pairs.true_flows[item["name"][0]], pairs)
         device = "cuda" if on_gpu else "cpu"
         if args.checkpoint:
-            records = {key: {"variant": key[0], "seed": 0, **score_checkpoint(path, device, data_json, pairs_per_bin, args.generalization_seed, args.refine_steps)}
+            records = {key: {"variant": key[0], "seed": 0, **score_checkpoint(path, device, data_json, pairs_per_bin, args.generalization_seed,
+                                                                           args.refine_steps, args.set)}
                        for key, path in checkpoints.items()}
         else:
             print(f"{len(runs)} runs of {runs[0].steps} steps, {jobs} at a time with {threads} thread(s) each, in {args.out}/runs")
             records = train_all(sorted(runs, key=lambda r: -sizes[r.variant]["forward_gflops"]), jobs)
-        timings = {v.label: [seconds_per_pair(checkpoints[v.label, s], pairs.test, device, threads, args.refine_steps) for s in v.seeds]
+        timings = {v.label: [seconds_per_pair(checkpoints[v.label, s], pairs.test, device, threads, args.refine_steps, args.set) for s in v.seeds]
                    for v in variants}
     except XMorpherError as error:
         print(f"registration_study: error: {error}", file=sys.stderr)
@@ -830,7 +838,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     item = pairs.test[typical]
     flows, dice = {}, {"identity": identity["test"][typical]["dice"]}
     for variant in variants:
-        registrar = Registrar(checkpoints[variant.label, variant.seeds[0]], device, args.refine_steps)
+        registrar = Registrar(checkpoints[variant.label, variant.seeds[0]], device, args.refine_steps, overrides=args.set)
         flows[variant.label] = registrar.flow(item["moving"], item["fixed"]).cpu()
         dice[variant.label] = records[variant.label, variant.seeds[0]]["test"][typical]["dice"]
     plot_same_pair(os.path.join(figures, "same_pair.png"), item, flows, dice)

@@ -9,6 +9,7 @@ import sys
 import tempfile
 
 import pytest
+import torch
 
 import xmorpher
 
@@ -115,9 +116,36 @@ def test_checkpoints_are_scored_as_the_network_predicts_or_refined(quick_study, 
     spread = {steps: scored[steps]["per_seed"][0]["sd_log_jacobian"] for steps in scored}
     assert spread[0] == pytest.approx(sum(pair["sd_log_jacobian"] for pair in trained["test"]) / len(trained["test"]), rel=1e-6)
     assert spread[10] != pytest.approx(spread[0], rel=1e-3)
-    refused = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path / "x"), "--refine-steps", "2"], capture_output=True,
-                             text=True, env=ENV, cwd=tempfile.gettempdir(), timeout=300)
-    assert refused.returncode == 2 and "--refine-steps" in refused.stderr
+    for option in (["--refine-steps", "2"], ["--set", "evaluate.refine_steps=2"]):
+        refused = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path / "x"), *option], capture_output=True,
+                                 text=True, env=ENV, cwd=tempfile.gettempdir(), timeout=300)
+        assert refused.returncode == 2 and option[0] in refused.stderr
+
+
+def test_set_scores_a_checkpoint_as_a_copy_that_stores_the_change(quick_study, tmp_path):
+    """--set evaluate.KEY=VALUE scores a checkpoint exactly as a copy whose stored config holds that
+    value, and differently from the checkpoint as stored."""
+    out, _ = quick_study
+    original = os.path.join(out, "runs", "xmorpher", "seed0", "best.pt")
+    payload = torch.load(original, map_location="cpu", weights_only=False)
+    # every pair at one heavy weight (no second pass for small motion, which tiny pairs would all take)
+    payload["config"]["evaluate"] = {**payload["config"]["evaluate"], "refine_small_motion": 0.0, "refine_diffusion_weight": 1000.0}
+    os.makedirs(tmp_path / "copy" / "seed0")
+    copy = str(tmp_path / "copy" / "seed0" / "best.pt")
+    torch.save(payload, copy)
+    scored = {}
+    overrides = ["--set", "evaluate.refine_small_motion=0", "--set", "evaluate.refine_diffusion_weight=1000"]
+    for name, args in {"stored": [original], "set": [original, *overrides], "copy": [copy]}.items():
+        folder = str(tmp_path / name)
+        result = subprocess.run([sys.executable, SCRIPT, "--checkpoint", *args, "--refine-steps", "10", "--generalization-pairs", "1",
+                                 "--out", folder], capture_output=True, text=True, env=ENV, cwd=tempfile.gettempdir(), timeout=900)
+        assert result.returncode == 0, result.stderr[-4000:]
+        with open(os.path.join(folder, "summary.json")) as handle:
+            scored[name] = json.load(handle)["variants"]["seed0"]
+    for key in ("pair_dice", "generalization"):
+        assert scored["set"][key] == scored["copy"][key]
+    spread = {name: scored[name]["per_seed"][0]["sd_log_jacobian"] for name in scored}
+    assert spread["set"] == spread["copy"] != pytest.approx(spread["stored"], rel=1e-3)
 
 
 def test_the_objective_probe_scores_the_identity_as_no_change_and_the_truth_as_a_gain(tmp_path):

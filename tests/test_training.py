@@ -118,6 +118,31 @@ def test_register_writes_nifti_with_the_fixed_affine_and_a_panel(uninterrupted_r
     assert np.allclose(np.moveaxis(result.displacement, 0, -1), field.get_fdata(), atol=1e-6)
 
 
+
+def test_register_set_changes_only_the_checkpoints_refinement_settings(uninterrupted_run, tmp_path):
+    checkpoint = os.path.join(uninterrupted_run, "best.pt")
+    overrides = ["evaluate.refine_steps=3", "evaluate.refine_diffusion_weight=7"]
+    stored, changed = Registrar(checkpoint, "cpu"), Registrar(checkpoint, "cpu", overrides=overrides)
+    assert changed.settings == replace(stored.settings, refine_steps=3, refine_diffusion_weight=7.0) != stored.settings
+    assert changed.refine_steps == 3 and stored.refine_steps == stored.settings.refine_steps
+    item = ShapesPairs("test", 1, shape=(16, 16, 16), num_labels=3)[0]
+    paths = {}
+    for key in ("moving", "fixed"):
+        paths[key] = str(tmp_path / f"{key}.nii.gz")
+        save_volume(paths[key], item[key][0].numpy(), np.eye(4))
+    out = tmp_path / "registered"
+    cli("register", "--checkpoint", checkpoint, "--moving", paths["moving"], "--fixed", paths["fixed"], "--out", str(out),
+        *[arg for override in overrides for arg in ("--set", override)])
+    nib = pytest.importorskip("nibabel")
+    field = np.moveaxis(nib.load(str(out / "displacement.nii.gz")).get_fdata(), -1, 0)
+    as_changed = register(paths["moving"], paths["fixed"], checkpoint, device="cpu", overrides=overrides).displacement
+    as_stored = register(paths["moving"], paths["fixed"], checkpoint, device="cpu").displacement
+    assert np.allclose(field, as_changed, atol=1e-6) and not np.allclose(field, as_stored, atol=1e-3)
+    with pytest.raises(XMorpherError, match="only evaluate.* overrides.*train.lr=1"):
+        Registrar(checkpoint, "cpu", overrides=["evaluate.refine_steps=3", "train.lr=1"])
+    with pytest.raises(XMorpherError, match="refine_small_motion"):
+        Registrar(checkpoint, "cpu", overrides=["evaluate.refine_small_motion=-1"])
+
 @pytest.mark.parametrize("similarity", ["ngf", "ncc", "local-fit"])
 def test_refinement_recovers_a_known_translation_from_the_identity(similarity):
     """A smooth ball moved by a sub-voxel translation t: moving(p + t) = fixed(p), so t is the true
@@ -279,6 +304,7 @@ def test_bad_inputs_end_in_one_error_line_and_a_nonzero_exit(uninterrupted_run, 
         "NaN": register_args(str(tmp_path / "nan.nii.gz")),
         "not a readable checkpoint": register_args(good, ckpt=str(tmp_path / "broken.pt")),
         "weights do not fit": register_args(good, ckpt=str(tmp_path / "incompatible.pt")),
+        "takes only evaluate.* overrides": register_args(good) + ["--set", "train.lr=1"],
         "unknown config key": ["train", "--config", "tiny", "--set", "train.learning_rate=1", "--out", str(tmp_path / "x")],
         "already holds a run": ["train", "--config", "tiny", "--out", uninterrupted_run],
         "nothing to resume": ["train", "--resume", "--out", str(tmp_path / "empty")],

@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     register.add_argument("--out", required=True, help="folder for warped.nii.gz, displacement.nii.gz, panel.png")
     register.add_argument("--device", default="auto")
     register.add_argument("--refine-steps", type=int, help="instance-optimisation steps after the network (default: the checkpoint's evaluate.refine_steps)")
+    register.add_argument("--set", action="append", default=[], metavar="evaluate.KEY=VALUE",
+                          help="change one of the checkpoint's refinement settings, e.g. evaluate.refine_small_motion_diffusion_weight=32 (repeatable)")
 
     evaluate = commands.add_parser("evaluate", help="score a checkpoint on a data split")
     evaluate.add_argument("--checkpoint", required=True)
@@ -112,7 +114,8 @@ def _evaluate(args) -> int:
 def _register(args) -> int:
     from .registration import register
 
-    result = register(args.moving, args.fixed, args.checkpoint, moving_labels=args.moving_labels, device=args.device, refine_steps=args.refine_steps)
+    result = register(args.moving, args.fixed, args.checkpoint, moving_labels=args.moving_labels, device=args.device,
+                      refine_steps=args.refine_steps, overrides=args.set)
     paths = result.save(args.out)
     print(json.dumps(paths, indent=2))
     return 0

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from .data.synth import DeformationParams, IntensityParams
 from .errors import XMorpherError
@@ -274,6 +274,16 @@ def load_config(source: Optional[str] = None, overrides: Optional[list] = None, 
     validate(config)
     return config
 
+
+
+def with_evaluate_overrides(config: Config, overrides: Sequence[str]) -> EvaluateConfig:
+    """``config.evaluate`` (a trained checkpoint's) with ``evaluate.key=value`` overrides, validated.
+    Keys of other sections are refused: they describe how the network was built and trained, and
+    changing them after training would change nothing or break the checkpoint."""
+    others = [override for override in overrides if not override.split("=", 1)[0].strip().startswith("evaluate.")]
+    if others:
+        raise XMorpherError(f"a trained checkpoint takes only evaluate.* overrides (the refinement's settings), got {', '.join(others)}")
+    return load_config(None, list(overrides), base=to_dict(config)).evaluate
 
 def validate(config: Config) -> None:
     """Reject values that would only fail later, deep inside a run."""

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .checkpoint import load_model
-from .config import SIMILARITIES, EvaluateConfig, TrainConfig
+from .config import SIMILARITIES, EvaluateConfig, TrainConfig, with_evaluate_overrides
 from .data.nifti import Volume, load_volume, normalize_intensity, save_volume
 from .errors import XMorpherError, registration_extra
 from .framework import warp, warp_labels
@@ -109,16 +109,19 @@ def mean_displacement(flow: torch.Tensor) -> torch.Tensor:
 class Registrar:
     """A trained network loaded once, for registering many pairs; with ``refine_steps`` > 0 each
     prediction is refined on the pair (see :func:`refine_flow`). The refinement's settings come from
-    ``evaluate`` (default: the checkpoint's evaluate config), its steps from ``refine_steps`` when
+    ``evaluate`` (default: the checkpoint's evaluate config) with ``overrides`` (``evaluate.key=value``
+    strings, as ``xmorpher register --set`` takes them) applied, its steps from ``refine_steps`` when
     given."""
 
     def __init__(self, checkpoint: str, device: str = "auto", refine_steps: Optional[int] = None,
-                 evaluate: Optional[EvaluateConfig] = None) -> None:
+                 evaluate: Optional[EvaluateConfig] = None, overrides: Sequence[str] = ()) -> None:
         self.device = resolve_device(device)
         self.model, self.config, self.payload = load_model(checkpoint, self.device)
         self.autocast = autocast_dtype(self.config.train.amp, self.device)
         self.checkpoint = checkpoint
         self.settings = evaluate or self.config.evaluate
+        if overrides:
+            self.settings = with_evaluate_overrides(replace(self.config, evaluate=self.settings), overrides)
         self.refine_steps = self.settings.refine_steps if refine_steps is None else refine_steps
         if self.refine_steps < 0:
             raise XMorpherError(f"refine_steps must be >= 0, got {self.refine_steps}")
@@ -190,10 +193,12 @@ def register(
     moving_labels: Optional[VolumeLike] = None,
     device: str = "auto",
     refine_steps: Optional[int] = None,
+    overrides: Sequence[str] = (),
 ) -> RegistrationResult:
     """Register `moving` to `fixed` with the network of `checkpoint` (see RegistrationResult), its
-    prediction refined on the pair for ``refine_steps`` (default: the checkpoint's setting)."""
-    return Registrar(checkpoint, device, refine_steps)(moving, fixed, moving_labels)
+    prediction refined on the pair for ``refine_steps`` (default: the checkpoint's setting), with the
+    checkpoint's other refinement settings changed by ``overrides`` (``evaluate.key=value``)."""
+    return Registrar(checkpoint, device, refine_steps, overrides=overrides)(moving, fixed, moving_labels)
 
 
 def _grid_lines(ax, displacement_2d: np.ndarray, spacing: int) -> None:
