@@ -760,7 +760,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "evaluate.refine_steps (0: the networks alone)")
     parser.add_argument("--set", action="append", default=[], metavar="evaluate.KEY=VALUE",
                         help="with --checkpoint: change one refinement setting of every checkpoint, e.g. "
-                             "evaluate.refine_small_motion_diffusion_weight=32 (repeatable)")
+                             "evaluate.refine_small_motion_diffusion_weight=2 (repeatable)")
     args = parser.parse_args(argv)
     if args.generalization_seed is not None and not args.checkpoint:
         parser.error("--generalization-seed scores checkpoints (--checkpoint); a study's runs score the data seed's pairs")

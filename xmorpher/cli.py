@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     register.add_argument("--device", default="auto")
     register.add_argument("--refine-steps", type=int, help="instance-optimisation steps after the network (default: the checkpoint's evaluate.refine_steps)")
     register.add_argument("--set", action="append", default=[], metavar="evaluate.KEY=VALUE",
-                          help="change one of the checkpoint's refinement settings, e.g. evaluate.refine_small_motion_diffusion_weight=32 (repeatable)")
+                          help="change one of the checkpoint's refinement settings, e.g. evaluate.refine_small_motion_diffusion_weight=2 (repeatable)")
 
     evaluate = commands.add_parser("evaluate", help="score a checkpoint on a data split")
     evaluate.add_argument("--checkpoint", required=True)
