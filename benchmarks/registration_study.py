@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from xmorpher import Registrar, build_model
-from xmorpher.config import Config, from_dict, load_config, to_dict
+from xmorpher.config import Config, from_dict, load_config, to_dict, with_evaluate_overrides
 from xmorpher.data.datasets import GENERALIZATION_BINS_MM, GeneralizationPairs, make_dataset
 from xmorpher.errors import XMorpherError
 from xmorpher.evaluate import score_pair
@@ -758,9 +758,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--refine-steps", type=int,
                         help="with --checkpoint: instance-optimisation steps after each network instead of each checkpoint's "
                              "evaluate.refine_steps (0: the networks alone)")
-    parser.add_argument("--set", action="append", default=[], metavar="evaluate.KEY=VALUE",
+    parser.add_argument("--set", action="append", default=[], metavar="evaluate.refine_KEY=VALUE",
                         help="with --checkpoint: change one refinement setting of every checkpoint, e.g. "
-                             "evaluate.refine_small_motion_diffusion_weight=2 (repeatable)")
+                             "evaluate.refine_small_motion_diffusion_weight=2 (repeatable; --refine-steps wins over "
+                             "evaluate.refine_steps)")
     args = parser.parse_args(argv)
     if args.generalization_seed is not None and not args.checkpoint:
         parser.error("--generalization-seed scores checkpoints (--checkpoint); a study's runs score the data seed's pairs")
@@ -768,6 +769,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--refine-steps scores checkpoints (--checkpoint); a study's runs compare the networks alone")
     if args.set and not args.checkpoint:
         parser.error("--set changes refinement settings of checkpoints (--checkpoint); a study's runs compare the networks alone")
+    try:  # keys and values checked before any pair is scored
+        with_evaluate_overrides(Config(), args.set)
+    except XMorpherError as error:
+        parser.error(f"--set: {error}")
     started = time.perf_counter()
     command = "python benchmarks/registration_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
     os.makedirs(args.out, exist_ok=True)

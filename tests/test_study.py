@@ -116,10 +116,14 @@ def test_checkpoints_are_scored_as_the_network_predicts_or_refined(quick_study, 
     spread = {steps: scored[steps]["per_seed"][0]["sd_log_jacobian"] for steps in scored}
     assert spread[0] == pytest.approx(sum(pair["sd_log_jacobian"] for pair in trained["test"]) / len(trained["test"]), rel=1e-6)
     assert spread[10] != pytest.approx(spread[0], rel=1e-3)
-    for option in (["--refine-steps", "2"], ["--set", "evaluate.refine_steps=2"]):
+    refusals = {"--refine-steps scores checkpoints": ["--refine-steps", "2"],
+                "--set changes refinement settings of checkpoints": ["--set", "evaluate.refine_steps=2"],
+                "--set: a trained checkpoint takes only evaluate.refine_* overrides": ["--checkpoint", "x.pt", "--set", "evaluate.split=val"],
+                "refine_small_motion": ["--checkpoint", "x.pt", "--set", "evaluate.refine_small_motion=-1"]}
+    for message, option in refusals.items():
         refused = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path / "x"), *option], capture_output=True,
                                  text=True, env=ENV, cwd=tempfile.gettempdir(), timeout=300)
-        assert refused.returncode == 2 and option[0] in refused.stderr
+        assert refused.returncode == 2 and message in refused.stderr.splitlines()[-1], refused.stderr
 
 
 def test_set_scores_a_checkpoint_as_a_copy_that_stores_the_change(quick_study, tmp_path):

@@ -48,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     register.add_argument("--moving-labels", help="NIfTI label map of the moving image, warped with nearest neighbour")
     register.add_argument("--out", required=True, help="folder for warped.nii.gz, displacement.nii.gz, panel.png")
     register.add_argument("--device", default="auto")
-    register.add_argument("--refine-steps", type=int, help="instance-optimisation steps after the network (default: the checkpoint's evaluate.refine_steps)")
-    register.add_argument("--set", action="append", default=[], metavar="evaluate.KEY=VALUE",
+    register.add_argument("--refine-steps", type=int, help="instance-optimisation steps after the network (default: the checkpoint's "
+                                                             "evaluate.refine_steps; wins over --set evaluate.refine_steps)")
+    register.add_argument("--set", action="append", default=[], metavar="evaluate.refine_KEY=VALUE",
                           help="change one of the checkpoint's refinement settings, e.g. evaluate.refine_small_motion_diffusion_weight=2 (repeatable)")
 
     evaluate = commands.add_parser("evaluate", help="score a checkpoint on a data split")

@@ -277,15 +277,18 @@ def load_config(source: Optional[str] = None, overrides: Optional[list] = None, 
     return config
 
 
-
 def with_evaluate_overrides(config: Config, overrides: Sequence[str]) -> EvaluateConfig:
-    """``config.evaluate`` (a trained checkpoint's) with ``evaluate.key=value`` overrides, validated.
-    Keys of other sections are refused: they describe how the network was built and trained, and
-    changing them after training would change nothing or break the checkpoint."""
-    others = [override for override in overrides if not override.split("=", 1)[0].strip().startswith("evaluate.")]
+    """``config.evaluate`` (a trained checkpoint's) with ``evaluate.refine_*=value`` overrides,
+    validated. Other keys are refused: those of other sections describe how the network was built
+    and trained, and the evaluate split and scoring options are not used when registering a pair."""
+    if isinstance(overrides, str):
+        raise XMorpherError(f"overrides must be a list of 'evaluate.refine_*=value' strings, got the string '{overrides}'")
+    overrides = list(overrides)
+    others = [override for override in overrides if not override.split("=", 1)[0].strip().startswith("evaluate.refine_")]
     if others:
-        raise XMorpherError(f"a trained checkpoint takes only evaluate.* overrides (the refinement's settings), got {', '.join(others)}")
-    return load_config(None, list(overrides), base=to_dict(config)).evaluate
+        raise XMorpherError(f"a trained checkpoint takes only evaluate.refine_* overrides (the refinement's settings), got {', '.join(others)}")
+    return load_config(None, overrides, base=to_dict(config)).evaluate
+
 
 def validate(config: Config) -> None:
     """Reject values that would only fail later, deep inside a run."""

@@ -109,9 +109,9 @@ def mean_displacement(flow: torch.Tensor) -> torch.Tensor:
 class Registrar:
     """A trained network loaded once, for registering many pairs; with ``refine_steps`` > 0 each
     prediction is refined on the pair (see :func:`refine_flow`). The refinement's settings come from
-    ``evaluate`` (default: the checkpoint's evaluate config) with ``overrides`` (``evaluate.key=value``
+    ``evaluate`` (default: the checkpoint's evaluate config) with ``overrides`` (``evaluate.refine_*=value``
     strings, as ``xmorpher register --set`` takes them) applied, its steps from ``refine_steps`` when
-    given."""
+    given (over an ``evaluate.refine_steps`` override too)."""
 
     def __init__(self, checkpoint: str, device: str = "auto", refine_steps: Optional[int] = None,
                  evaluate: Optional[EvaluateConfig] = None, overrides: Sequence[str] = ()) -> None:
@@ -125,6 +125,7 @@ class Registrar:
         self.refine_steps = self.settings.refine_steps if refine_steps is None else refine_steps
         if self.refine_steps < 0:
             raise XMorpherError(f"refine_steps must be >= 0, got {self.refine_steps}")
+        self.settings = replace(self.settings, refine_steps=self.refine_steps)
 
     @torch.no_grad()
     def predict(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
@@ -197,7 +198,7 @@ def register(
 ) -> RegistrationResult:
     """Register `moving` to `fixed` with the network of `checkpoint` (see RegistrationResult), its
     prediction refined on the pair for ``refine_steps`` (default: the checkpoint's setting), with the
-    checkpoint's other refinement settings changed by ``overrides`` (``evaluate.key=value``)."""
+    checkpoint's other refinement settings changed by ``overrides`` (``evaluate.refine_*=value``)."""
     return Registrar(checkpoint, device, refine_steps, overrides=overrides)(moving, fixed, moving_labels)
 
 
