@@ -122,10 +122,14 @@ class Registrar:
         self.settings = evaluate or self.config.evaluate
         if overrides:
             self.settings = with_evaluate_overrides(replace(self.config, evaluate=self.settings), overrides)
-        self.refine_steps = self.settings.refine_steps if refine_steps is None else refine_steps
+        if refine_steps is not None:
+            self.settings = replace(self.settings, refine_steps=refine_steps)
         if self.refine_steps < 0:
             raise XMorpherError(f"refine_steps must be >= 0, got {self.refine_steps}")
-        self.settings = replace(self.settings, refine_steps=self.refine_steps)
+
+    @property
+    def refine_steps(self) -> int:
+        return self.settings.refine_steps
 
     @torch.no_grad()
     def predict(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
